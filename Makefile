@@ -1,0 +1,35 @@
+# `make demo` and `make test` do their own set-up: a virtual env in .venv, installed with the
+# pinned constraints, refreshed whenever pyproject.toml or constraints.txt change.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: venv demo test lint bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev,trackers]'
+	# PYTHONDONTWRITEBYTECODE may be set: compile now, or every `import timm, lightning` costs seconds
+	$(BIN)/python -m compileall -q -j 0 $(VENV)/lib src > /dev/null || true
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: venv
+	$(BIN)/pstage demo
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+lint: venv
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+bench: venv
+	$(BIN)/python benchmarks/input_pipeline.py
+
+clean:
+	rm -rf $(VENV) demo runs .pytest_cache

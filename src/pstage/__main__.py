@@ -1,0 +1,3 @@
+from pstage.cli import main
+
+main()

@@ -1,0 +1,143 @@
+"""The ``pstage`` command: a thin typer layer over the Python API.
+
+Only typer and rich are imported at start-up; each command imports what it needs, so
+``pstage --help`` answers in a fraction of a second. Errors the user can fix print as one line.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(
+    name="pstage",
+    help="Image-classification competitions, stage by stage: train with K-fold CV, predict, demo.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+err = Console(stderr=True, highlight=False)
+
+
+def friendly(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Print PstageError (bad input, bad config, bad run) as one line and exit 2; Ctrl-C exits 130."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from pstage.errors import PstageError
+
+        try:
+            return command(*args, **kwargs)
+        except PstageError as exc:
+            err.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err.print("[yellow]interrupted[/]")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _print_result(result: Any) -> None:
+    from pstage.summary import print_run
+
+    print_run(result.path)
+
+
+@app.command(context_settings={"allow_extra_args": False})
+@friendly
+def train(
+    overrides: list[str] | None = typer.Argument(
+        None,
+        metavar="[KEY=VALUE]...",
+        help="Config overrides with dotted keys, e.g. train.epochs=3 model.name=resnet18 data.image_size=[128,96].",
+    ),
+    config: Path | None = typer.Option(
+        None, "--config", "-c", help="YAML config file (defaults: configs/default.yaml)."
+    ),
+    data: Path | None = typer.Option(
+        None, "--data", "-d", help="Competition folder, image-folder tree or CSV (path,label[,group])."
+    ),
+    runs: Path = typer.Option(Path("runs"), "--runs", help="Folder holding run directories."),
+    name: str | None = typer.Option(
+        None, "--name", "-n", help="Run name (default: <model>-<date>). The same name resumes."
+    ),
+) -> None:
+    """Train a K-fold cross-validated run: OOF + test probabilities, submission.csv, run.json."""
+    from pstage.training import train as train_run
+
+    result = train_run(config, data=data, runs=runs, name=name, overrides=overrides or [])
+    if result is not None:  # None in non-zero DDP ranks
+        _print_result(result)
+
+
+@app.command()
+@friendly
+def predict(
+    run: str = typer.Argument(..., help="Run directory or run name under --runs."),
+    data: Path | None = typer.Option(
+        None,
+        "--data",
+        "-d",
+        help="Competition folder (re-creates submission.csv) or any folder/CSV of images (default: the run's data).",
+    ),
+    tta: bool = typer.Option(False, "--tta", help="Average over test-time augmentations (tta.* in the config)."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Output CSV (default: in the run directory)."),
+    runs: Path = typer.Option(Path("runs"), "--runs", help="Folder holding run directories."),
+) -> None:
+    """Predict with a finished run's fold models."""
+    from pstage.inference import predict as predict_run
+
+    result = predict_run(run, data, runs=runs, tta=tta, out=out)
+    for problem in result.skipped:
+        err.print(f"[yellow]warning:[/] {problem}")
+    what = "submission" if result.kind == "submission" else "predictions"
+    print(f"{what}: {len(result.frame):,} images -> {result.path}")
+
+
+@app.command()
+@friendly
+def demo(
+    out: Path = typer.Option(Path("demo"), "--out", "-o", help="Folder for the demo data and runs."),
+    quick: bool = typer.Option(False, "--quick", help="A much smaller, faster demo (for tests and smoke checks)."),
+) -> None:
+    """Generate a demo competition dataset, train two runs, predict and print a leaderboard."""
+    from pstage.demo import run_demo
+
+    run_demo(out, quick=quick)
+
+
+@app.command("config")
+@friendly
+def show_config(
+    overrides: list[str] | None = typer.Argument(
+        None, metavar="[KEY=VALUE]...", help="Config overrides with dotted keys."
+    ),
+    config: Path | None = typer.Option(None, "--config", "-c", help="YAML config file."),
+) -> None:
+    """Print the resolved config (defaults + file + overrides), each key with what it does."""
+    from pstage.config import annotated_yaml, load_config
+
+    print(annotated_yaml(load_config(config, overrides or [])), end="")
+
+
+@app.command()
+def version() -> None:
+    """Print pstage's version."""
+    from pstage import __version__
+
+    print(__version__)
+
+
+def main() -> None:
+    app(prog_name="pstage")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

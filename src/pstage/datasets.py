@@ -1,0 +1,135 @@
+"""Torch datasets over the image cache, and the per-fold Lightning DataModule.
+
+Batches are fetched with one fancy-index into the memmap (``__getitems__``) and stay uint8 NHWC
+until the model normalises them, which keeps the loader's share of a CPU step small.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pstage.compat  # noqa: F401  (before lightning, which imports torchvision)
+
+import lightning as L  # noqa: E402
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+
+from pstage.cache import open_images  # noqa: E402
+from pstage.config import Config  # noqa: E402
+
+
+class CachedImages(Dataset):
+    """Rows ``rows`` of a cache memmap as (uint8 HWC image, target) pairs, optionally augmented."""
+
+    def __init__(self, cache: str | Path, rows: np.ndarray, targets: np.ndarray | None = None, transform: Any = None):
+        self.cache = str(cache)
+        self.rows = np.asarray(rows, dtype=np.int64)
+        self.targets = np.asarray(targets if targets is not None else np.full(len(self.rows), -1), dtype=np.int64)
+        self.transform = transform
+        self._images: np.ndarray | None = None  # opened lazily, once per worker process
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def images(self) -> np.ndarray:
+        if self._images is None:
+            self._images = open_images(self.cache)
+        return self._images
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_images": None}  # workers re-open the memmap instead of pickling pixels
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        images, targets = self.__getitems__([index])
+        return images[0], targets[0]
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A whole batch with one memmap read (the DataLoader calls this instead of per-item gets)."""
+        idx = np.asarray(indices)
+        batch = self.images[self.rows[idx]]
+        if self.transform is not None:
+            batch = np.stack([self.transform(image=image)["image"] for image in batch])
+        return torch.from_numpy(np.ascontiguousarray(batch)), torch.from_numpy(self.targets[idx])
+
+
+def keep_batch(batch: Any) -> Any:
+    """Collate for datasets that already return whole batches (module-level so workers can pickle it)."""
+    return batch
+
+
+def resolve_workers(num_workers: int | str, augmenting: bool) -> int:
+    """auto: no workers when there is nothing to augment (slicing the memmap is cheaper than IPC)."""
+    if num_workers != "auto":
+        return int(num_workers)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(4, cores - 1) if augmenting else 0
+
+
+def make_loader(
+    dataset: CachedImages,
+    batch_size: int,
+    workers: int,
+    *,
+    shuffle: bool = False,
+    sampler: Any = None,
+    drop_last: bool = False,
+) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle if sampler is None else False,
+        sampler=sampler,
+        num_workers=workers,
+        collate_fn=keep_batch,
+        persistent_workers=workers > 0,
+        drop_last=drop_last,
+        pin_memory=torch.cuda.is_available(),
+    )
+
+
+def balanced_sampler(targets: np.ndarray, seed: int) -> WeightedRandomSampler:
+    """Draw each class about equally often (weights inversely proportional to class frequency)."""
+    counts = np.bincount(targets)
+    weights = 1.0 / counts[targets]
+    return WeightedRandomSampler(
+        torch.as_tensor(weights, dtype=torch.double),
+        len(targets),
+        replacement=True,
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+class FoldData(L.LightningDataModule):
+    """Training and validation images of one fold, read from the cache."""
+
+    def __init__(
+        self,
+        cache: str | Path,
+        train_rows: np.ndarray,
+        train_targets: np.ndarray,
+        val_rows: np.ndarray,
+        val_targets: np.ndarray,
+        config: Config,
+        transform: Any,
+    ):
+        super().__init__()
+        self.train_set = CachedImages(cache, train_rows, train_targets, transform)
+        self.val_set = CachedImages(cache, val_rows, val_targets)
+        self.config = config
+        self.workers = resolve_workers(config.train.num_workers, transform is not None)
+
+    def train_dataloader(self) -> DataLoader:
+        train = self.config.train
+        sampler = balanced_sampler(self.train_set.targets, self.config.seed) if train.sampler == "balanced" else None
+        # drop_last avoids a size-1 last batch, which BatchNorm rejects in training mode
+        drop = len(self.train_set) > train.batch_size
+        return make_loader(
+            self.train_set, train.batch_size, self.workers, shuffle=True, sampler=sampler, drop_last=drop
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return make_loader(self.val_set, self.config.train.batch_size * 2, 0)

@@ -1,0 +1,143 @@
+"""``pstage demo``: the whole flow on generated data in a few minutes on 2 CPU cores.
+
+Generates a dataset in the competition layout, trains two cross-validated runs with different
+models, re-creates the best run's submission from its checkpoints, and prints a leaderboard with
+CV macro F1 and the score on the hidden test truth (the "private leaderboard").
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+from rich.table import Table
+
+from pstage.console import console
+from pstage.demo_data import TRUTH_FILE, make_demo_data
+from pstage.metrics import macro_f1
+
+
+@dataclass(frozen=True)
+class DemoPlan:
+    """How big the demo is: data, shared settings, and the runs to compare."""
+
+    persons: int
+    eval_persons: int
+    source_size: tuple[int, int]
+    common: list[str]
+    runs: dict[str, list[str]]
+
+
+# Chosen by measurement on 2 CPU cores (see benchmarks/ and the config docs): small input and
+# fast models keep the whole demo under 5 minutes while scoring far above chance (1/18).
+FULL = DemoPlan(
+    persons=300,
+    eval_persons=60,
+    source_size=(512, 384),
+    common=["data.image_size=[64,48]", "split.folds=5", "train.epochs=10", "train.progress=epoch"],
+    runs={"resnet10t": ["model.name=resnet10t"], "mobilenetv3": ["model.name=mobilenetv3_small_100"]},
+)
+QUICK = DemoPlan(
+    persons=30,
+    eval_persons=6,
+    source_size=(64, 48),
+    common=["data.image_size=[32,24]", "split.folds=2", "train.epochs=2", "train.progress=epoch"],
+    runs={"resnet10t": ["model.name=resnet10t"], "test-resnet": ["model.name=test_resnet"]},
+)
+
+
+@dataclass
+class DemoResult:
+    """Where the demo put things and how each run scored."""
+
+    data: Path
+    runs: Path
+    leaderboard: pd.DataFrame
+    seconds: float
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+def score_on_truth(run_dir: Path, truth: pd.DataFrame) -> dict[str, float]:
+    """Macro F1 of a run's submission on the hidden demo truth, overall and per head."""
+    submission = pd.read_csv(run_dir / "submission.csv").merge(truth, on="ImageID", suffixes=("", "_true"))
+    pred, true = submission["ans"].to_numpy(), submission["ans_true"].to_numpy()
+    return {
+        "test": macro_f1(true, pred),
+        "mask": macro_f1(true // 6, pred // 6),
+        "gender": macro_f1(true // 3 % 2, pred // 3 % 2),
+        "age": macro_f1(true % 3, pred % 3),
+    }
+
+
+def run_demo(out: str | Path = "demo", quick: bool = False) -> DemoResult:
+    """Generate data, train two runs, predict, and print the leaderboard; returns what it made."""
+    from pstage.inference import predict
+    from pstage.training import train
+
+    plan = QUICK if quick else FULL
+    out = Path(out).resolve()
+    started = time.time()
+    console.rule("[bold]pstage demo")
+    data = make_demo_data(
+        out / "data", persons=plan.persons, eval_persons=plan.eval_persons, image_size=plan.source_size, seed=0
+    )
+    console.print(
+        f"data: {plan.persons} persons x 7 photos ({plan.source_size[1]}x{plan.source_size[0]}) + {plan.eval_persons * 7} test photos in the competition layout -> {data}"
+    )
+    results = []
+    for name, overrides in plan.runs.items():
+        console.rule(f"train {name}")
+        results.append(train(data=data, runs=out / "runs", name=name, overrides=[*plan.common, *overrides]))
+    best = max(results, key=lambda r: r.cv["macro_f1"])
+    console.rule("predict")
+    prediction = predict(best.path, data)
+    console.print(
+        f"re-created {best.name}'s submission from its fold checkpoints: {len(prediction.frame):,} rows -> {prediction.path}"
+    )
+
+    truth = pd.read_csv(data / TRUTH_FILE)
+    rows = []
+    for result in results:
+        scores = score_on_truth(result.path, truth)
+        per = result.cv["per_task"]
+        rows.append(
+            {
+                "run": result.name,
+                "cv_macro_f1": result.cv["macro_f1"],
+                "cv_std": result.cv["macro_f1_std"],
+                "mask": per["mask"],
+                "gender": per["gender"],
+                "age": per["age"],
+                "test_macro_f1": scores["test"],
+                "seconds": result.duration_s,
+            }
+        )
+    board = pd.DataFrame(rows).sort_values("cv_macro_f1", ascending=False).reset_index(drop=True)
+    _print_board(board)
+    seconds = time.time() - started
+    files = {"data": data, "runs": out / "runs", "submission": prediction.path}
+    console.print(f"chance level: macro F1 ~{1 / 18:.3f}. Demo finished in {seconds:.0f}s.")
+    console.print(
+        f"files: data {data}\n       runs {out / 'runs'} (run.json, oof.csv, test.csv, submission.csv, fold_*/best.ckpt)\n       TensorBoard: tensorboard --logdir {out / 'runs'}"
+    )
+    return DemoResult(data, out / "runs", board, seconds, files)
+
+
+def _print_board(board: pd.DataFrame) -> None:
+    table = Table(title="leaderboard (CV = out-of-fold macro F1; test = hidden demo truth)", title_justify="left")
+    for column in ("#", "run", "CV macro F1", "mask", "gender", "age", "test macro F1", "time"):
+        table.add_column(column, justify="left" if column == "run" else "right")
+    for rank, row in enumerate(board.itertuples(), start=1):
+        table.add_row(
+            str(rank),
+            row.run,
+            f"{row.cv_macro_f1:.4f} ± {row.cv_std:.3f}",
+            f"{row.mask:.3f}",
+            f"{row.gender:.3f}",
+            f"{row.age:.3f}",
+            f"{row.test_macro_f1:.4f}",
+            f"{row.seconds:.0f}s",
+        )
+    console.print(table)

@@ -1,0 +1,74 @@
+"""Losses over soft targets (so CutMix/MixUp and label smoothing share one path).
+
+Each loss takes logits (N, K) and target distributions (N, K). Hand-written where torch has none:
+focal loss and soft macro-F1 are a few lines each and need soft-target support.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def smooth(targets: torch.Tensor, amount: float) -> torch.Tensor:
+    return targets * (1 - amount) + amount / targets.shape[-1] if amount else targets
+
+
+def cross_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor | None = None, label_smoothing: float = 0.0
+) -> torch.Tensor:
+    return F.cross_entropy(logits.float(), targets, weight=weight, label_smoothing=label_smoothing)
+
+
+def focal(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
+    gamma: float = 2.0,
+) -> torch.Tensor:
+    """Focal loss (Lin et al.): cross-entropy scaled by (1 - p)^gamma to focus on hard images."""
+    log_p = logits.float().log_softmax(-1)
+    t = smooth(targets, label_smoothing)
+    loss = -(t * (1 - log_p.exp()).pow(gamma) * log_p)
+    if weight is not None:
+        loss = loss * weight
+    return loss.sum(-1).mean()
+
+
+def soft_f1(
+    logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor | None = None, label_smoothing: float = 0.0
+) -> torch.Tensor:
+    """1 - macro F1 computed on probabilities (differentiable), averaged over classes present."""
+    p = logits.float().softmax(-1)
+    t = smooth(targets, label_smoothing)
+    tp = (p * t).sum(0)
+    fp = (p * (1 - t)).sum(0)
+    fn = ((1 - p) * t).sum(0)
+    f1 = 2 * tp / (2 * tp + fp + fn + 1e-7)
+    present = (t.sum(0) > 0) | (p.sum(0) > 0.5)
+    if weight is not None:
+        return 1 - (f1 * weight)[present].sum() / weight[present].sum()
+    return 1 - f1[present].mean()
+
+
+def compute_loss(
+    name: str,
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
+    gamma: float = 2.0,
+) -> torch.Tensor:
+    if name == "focal":
+        return focal(logits, targets, weight, label_smoothing, gamma)
+    if name == "f1":
+        return soft_f1(logits, targets, weight, label_smoothing)
+    return cross_entropy(logits, targets, weight, label_smoothing)
+
+
+def balanced_weights(targets: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Inverse-frequency class weights normalised to mean 1 (absent classes get weight 1)."""
+    counts = torch.bincount(targets, minlength=num_classes).float()
+    weights = torch.where(counts > 0, counts.sum() / (num_classes * counts.clamp(min=1)), torch.ones_like(counts))
+    return weights / weights.mean()

@@ -1,0 +1,610 @@
+"""``pstage train``: cross-validated training of one run, fold by fold, resumable after any crash.
+
+Flow: config -> source table -> decoded cache -> person-grouped folds -> per fold a Lightning fit,
+then OOF and test probabilities from the fold's best checkpoint -> run outputs (oof.csv, test.csv,
+submission.csv) -> run.json, written last. A fold is finished when its metrics.json exists;
+re-running the same command skips finished folds and resumes the others from last.ckpt.
+
+Under DDP every process runs this same code (Lightning re-launches the command); only rank 0
+writes run files, predicts and reports.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import difflib
+import json
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pstage.compat  # noqa: F401
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import torch
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks.weight_averaging import EMAWeightAveraging
+
+from pstage.augment import build_transforms
+from pstage.cache import CacheInfo, build_cache
+from pstage.config import Config, diff_configs, dump_config, load_config
+from pstage.console import console, quiet_lightning
+from pstage.datasets import FoldData, resolve_workers
+from pstage.devices import inference_device, is_rank_zero, resolve_precision
+from pstage.errors import ConfigError, DataError, RunError
+from pstage.inference import load_fold_module, predict_probs, submission_frame
+from pstage.losses import balanced_weights
+from pstage.metrics import cv_scores, macro_f1, prob_columns
+from pstage.models import check_model_name, head_task
+from pstage.runs import RUN_FILE, RunLock, load_run_info, now, provenance, read_json, write_csv, write_json
+from pstage.sources import Source, load_source
+from pstage.split import check_folds, make_folds
+
+RUN_NAME_ENV = "PSTAGE_RUN_NAME"  # passes an auto-generated name to the processes DDP launches
+# Keys that may change between attempts of one run: where things are, how fast, which folds.
+RESUMABLE_KEYS = (
+    "data.path",
+    "data.cache_dir",
+    "train.num_workers",
+    "train.progress",
+    "train.accelerator",
+    "train.devices",
+    "train.strategy",
+    "train.num_nodes",
+    "train.folds",
+    "log.",
+)
+
+
+@dataclass
+class RunResult:
+    """What a finished ``train`` produced."""
+
+    name: str
+    path: Path
+    status: str
+    cv: dict[str, Any]
+    duration_s: float
+    skipped: list[str] = field(default_factory=list)
+
+    @property
+    def submission(self) -> Path | None:
+        path = self.path / "submission.csv"
+        return path if path.exists() else None
+
+
+def check_optimizer(name: str) -> None:
+    from timm.optim import list_optimizers
+
+    names = list_optimizers()
+    if name.lower() not in names:
+        near = difflib.get_close_matches(name.lower(), names, n=2)
+        raise ConfigError(
+            f"optim.name: timm has no optimizer '{name}'"
+            + (f"; did you mean {', '.join(near)}?" if near else f" (some: {', '.join(names[:12])})")
+        )
+
+
+def default_name(cfg: Config) -> str:
+    return f"{cfg.model.name}-{dt.datetime.now():%Y%m%d-%H%M%S}"
+
+
+def train(
+    config: str | Path | dict[str, Any] | Config | None = None,
+    *,
+    data: str | Path | None = None,
+    runs: str | Path = "runs",
+    name: str | None = None,
+    overrides: list[str] | tuple[str, ...] | dict[str, Any] = (),
+) -> RunResult | None:
+    """Train a cross-validated run into ``runs/<name>`` and return its result.
+
+    Re-running with the same name resumes: finished folds are kept, an unfinished fold continues
+    from its last checkpoint. Returns None in the non-zero ranks of a DDP run.
+    """
+    quiet_lightning()
+    cfg = load_config(config, overrides)
+    if data is not None:
+        cfg.data.path = str(data)
+    if cfg.data.path:
+        cfg.data.path = str(Path(cfg.data.path).expanduser().resolve())
+    check_model_name(cfg.model.name)
+    check_optimizer(cfg.optim.name)
+    rank0 = is_rank_zero()
+    name = name or (None if rank0 else os.environ.get(RUN_NAME_ENV)) or default_name(cfg)
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+=-]*", name):
+        raise ConfigError(f"run name '{name}': use letters, digits and . _ + = - (it becomes a folder name)")
+    run_dir = (Path(runs).expanduser() / name).resolve()
+    if not rank0:
+        _run(cfg, run_dir, rank0=False)
+        return None
+    os.environ[RUN_NAME_ENV] = name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with RunLock(run_dir):
+        return _run(cfg, run_dir, rank0=True)
+
+
+def _start(cfg: Config, run_dir: Path) -> dict[str, Any]:
+    """Create or re-open the run: refuse changed settings, write config.yaml and a running run.json."""
+    info: dict[str, Any] = {}
+    if (run_dir / RUN_FILE).exists():
+        info = load_run_info(run_dir)
+        saved = load_config(run_dir / "config.yaml").to_dict()
+        changes = [c for c in diff_configs(saved, cfg.to_dict()) if not c[0].startswith(RESUMABLE_KEYS)]
+        if changes:
+            key, old, new = changes[0]
+            more = f" (and {len(changes) - 1} more)" if len(changes) > 1 else ""
+            raise RunError(
+                f"{run_dir} was trained with {key}={old}; this command asks {key}={new}{more}: use a new --name, or the run's own settings to resume it"
+            )
+    elif any(p.name != ".lock" for p in run_dir.iterdir()):
+        raise RunError(f"{run_dir} exists and is not a pstage run; choose another --name")
+    dump_config(cfg, run_dir / "config.yaml")
+    return info
+
+
+def _write_status(run_dir: Path, info: dict[str, Any], status: str, **extra: Any) -> dict[str, Any]:
+    info = {**info, **extra, "status": status}
+    write_json(run_dir / RUN_FILE, info)
+    return info
+
+
+def _run(cfg: Config, run_dir: Path, rank0: bool) -> RunResult | None:
+    started = time.time()
+    previous = _start(cfg, run_dir) if rank0 else {}
+    info: dict[str, Any] = {
+        "name": run_dir.name,
+        "status": "running",
+        "created": previous.get("created", now()),
+        "finished": None,
+        **provenance(),
+        "model": cfg.model.name,
+        "image_size": list(cfg.data.image_size),
+        "epochs": cfg.train.epochs,
+    }
+    spent_before = float(previous.get("duration_s", 0.0))
+    try:
+        source = load_source(cfg.data)
+        info.update(task=source.task.to_dict(), classes=source.task.classes)
+        train_cache, test_cache = prepare_caches(source, cfg, verbose=rank0)
+        folds = _folds(source, cfg, run_dir, rank0)
+        wanted = cfg.train.folds if cfg.train.folds is not None else list(range(cfg.split.folds))
+        pending = [k for k in wanted if not (run_dir / f"fold_{k}" / "metrics.json").exists()]
+        precision = resolve_precision(cfg.train.precision, cfg.train.accelerator)
+        info["resolved"] = {
+            "precision": precision,
+            "num_workers": resolve_workers(cfg.train.num_workers, build_transforms(cfg.augment) is not None),
+        }
+        if rank0:
+            if previous.get("status") == "done" and not pending:
+                console.print(
+                    f"[bold]{run_dir.name}[/]: already done (CV macro F1 {previous['cv']['macro_f1']:.4f}); nothing to train"
+                )
+                return _result(run_dir, previous)
+            info = _write_status(run_dir, info, "running", duration_s=spent_before)
+            done = sorted(set(wanted) - set(pending))
+            resumed = f", resuming (folds {', '.join(map(str, done))} already done)" if done else ""
+            console.print(
+                f"[bold]{run_dir.name}[/]: {cfg.model.name} {cfg.data.image_size[0]}x{cfg.data.image_size[1]}, {len(wanted)} fold(s) x {cfg.train.epochs} epochs, precision {precision}{resumed} -> {run_dir}"
+            )
+        for k in pending:
+            fit_fold(k, cfg, source, folds, train_cache, test_cache, run_dir, precision, rank0)
+            if rank0:
+                info = _write_status(run_dir, info, "running", duration_s=spent_before + time.time() - started)
+        if not rank0:
+            return None
+        cv = _write_outputs(run_dir, source, test_cache)
+        info = _write_status(
+            run_dir,
+            info,
+            "done",
+            cv=cv,
+            finished=now(),
+            duration_s=spent_before + time.time() - started,
+            folds_trained=_finished_folds(run_dir),
+            data=_data_summary(source, test_cache),
+            skipped=source.skipped,
+        )
+        return _result(run_dir, info)
+    except BaseException as exc:
+        if rank0:
+            reason = (
+                "interrupted" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else f"{type(exc).__name__}: {exc}"
+            )
+            _write_status(run_dir, info, "failed", error=reason, duration_s=spent_before + time.time() - started)
+        raise
+
+
+def _result(run_dir: Path, info: dict[str, Any]) -> RunResult:
+    return RunResult(
+        info["name"],
+        run_dir,
+        info["status"],
+        info.get("cv", {}),
+        float(info.get("duration_s", 0.0)),
+        info.get("skipped", []),
+    )
+
+
+def _data_summary(source: Source, test_cache: CacheInfo | None) -> dict[str, Any]:
+    return {
+        "path": str(source.root),
+        "kind": source.kind,
+        "train_images": len(source.train),
+        "groups": int(source.train["group"].nunique()),
+        "test_images": test_cache.count if test_cache else 0,
+    }
+
+
+def _finished_folds(run_dir: Path) -> list[int]:
+    return sorted(int(p.parent.name.split("_")[1]) for p in run_dir.glob("fold_*/metrics.json"))
+
+
+def prepare_caches(source: Source, cfg: Config, verbose: bool = True) -> tuple[CacheInfo, CacheInfo | None]:
+    """Decode train and test images into the cache; handle bad images per ``data.on_bad_image``.
+
+    Adds a ``cache_row`` column to the training table (its row in the cache) and, in skip mode,
+    drops unreadable training images from it. Unreadable test images are predicted from a blank
+    frame in skip mode (a submission needs every row) and reported.
+    """
+    d = cfg.data
+    settings = dict(face_crop=d.face_crop, face_margin=d.face_margin, center_crop=d.center_crop, cache_dir=d.cache_dir)
+    caches = []
+    for label, table in (("train", source.train), ("test", source.test)):
+        if table is None:
+            caches.append(None)
+            continue
+        started = time.time()
+        if verbose and len(table) > 500:
+            with console.status(f"decoding {len(table):,} {label} images into the cache ...") as status:
+                cache = build_cache(
+                    table["path"].tolist(),
+                    d.image_size,
+                    **settings,
+                    progress=lambda n, s=status, t=len(table), what=label: (
+                        n % 200 == 0 and s.update(f"decoding {what} images into the cache: {n:,}/{t:,}")
+                    ),
+                )
+        else:
+            cache = build_cache(table["path"].tolist(), d.image_size, **settings)
+        if verbose:
+            what = f"decoded in {time.time() - started:.1f}s" if cache.decoded else "reused, 0 decoded"
+            faces = (
+                f", face found in {cache.faces_found}/{cache.count - len(cache.bad)} (centre crop for the rest)"
+                if d.face_crop
+                else ""
+            )
+            console.print(f"  cache {label}: {cache.count:,} images {what}{faces} [dim]({cache.path})[/]")
+        if cache.bad:
+            path, reason = next(iter(cache.bad.items()))
+            if d.on_bad_image == "error":
+                more = f" ({len(cache.bad) - 1} more bad images)" if len(cache.bad) > 1 else ""
+                raise DataError(
+                    f"{path}: {reason}{more}; fix or remove it, or set data.on_bad_image=skip to leave such images out"
+                )
+            source.skipped.extend(
+                f"{p}: {r}" + (" (predicted from a blank image)" if label == "test" else "")
+                for p, r in cache.bad.items()
+            )
+            if verbose:
+                console.print(
+                    f"  [yellow]skipped {len(cache.bad)} unreadable {label} image(s)[/], e.g. {path}: {reason}"
+                )
+        caches.append(cache)
+    source.train["cache_row"] = np.arange(len(source.train))
+    if caches[0].bad:
+        source.train = source.train[~source.train["path"].isin(caches[0].bad)].reset_index(drop=True)
+    if verbose and source.skipped and not caches[0].bad:
+        console.print(f"  [yellow]skipped {len(source.skipped)} problem(s) in the data[/], e.g. {source.skipped[0]}")
+    return caches[0], caches[1]
+
+
+def _folds(source: Source, cfg: Config, run_dir: Path, rank0: bool) -> pd.DataFrame:
+    folds = make_folds(source, cfg.split.folds, cfg.split.seed)
+    saved = run_dir / "folds.csv"
+    if saved.exists():
+        check_folds(pd.read_csv(saved, dtype={"image_id": str, "group": str}), folds, str(saved))
+    elif rank0:
+        write_csv(saved, folds)
+    return folds
+
+
+class FoldReport(Callback):
+    """Per epoch: one console line, and a line in fold_<k>/history.jsonl (kept across resumes)."""
+
+    def __init__(self, fold: int, fold_dir: Path, best: ModelCheckpoint, print_lines: bool):
+        self.fold, self.fold_dir, self.best, self.print_lines = fold, fold_dir, best, print_lines
+        self.resumed_from_epoch: int | None = None
+        self._started = time.time()
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.current_epoch > 0:
+            self.resumed_from_epoch = trainer.current_epoch
+            if trainer.is_global_zero:
+                console.print(
+                    f"  fold {self.fold}: resumed from last.ckpt at epoch {trainer.current_epoch}/{trainer.max_epochs}"
+                )
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._started = time.time()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        m = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        row = {
+            "epoch": trainer.current_epoch,
+            "train_loss": m.get("train/loss"),
+            "val_loss": m.get("val/loss"),
+            "val_macro_f1": m.get("val/macro_f1"),
+            "seconds": round(time.time() - self._started, 2),
+        }
+        with open(self.fold_dir / "history.jsonl", "a") as handle:
+            handle.write(json.dumps(row) + "\n")
+        if self.print_lines:
+            best = (
+                self.best.best_model_score is not None
+                and row["val_macro_f1"] is not None
+                and abs(float(self.best.best_model_score) - row["val_macro_f1"]) < 1e-9
+            )
+            console.print(
+                f"  fold {self.fold} epoch {trainer.current_epoch + 1:>2}/{trainer.max_epochs}  train loss {row['train_loss'] or float('nan'):.3f}  val loss {row['val_loss'] or float('nan'):.3f}  "
+                f"val macro F1 {row['val_macro_f1'] or float('nan'):.4f}{' *' if best else '  '}  {row['seconds']:.1f}s"
+            )
+
+
+def read_history(fold_dir: Path) -> list[dict[str, Any]]:
+    """Epoch rows of a fold, the last write of each epoch winning (a resume may repeat one)."""
+    path = fold_dir / "history.jsonl"
+    if not path.exists():
+        return []
+    rows = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            rows[row["epoch"]] = row
+    return [rows[e] for e in sorted(rows)]
+
+
+def make_loggers(cfg: Config, run_dir: Path, fold: int) -> list[Any]:
+    """TensorBoard by default; CSV, W&B (offline-safe via WANDB_MODE) and MLflow when configured."""
+    loggers: list[Any] = []
+    for kind in dict.fromkeys(cfg.log.loggers):
+        try:
+            if kind == "tensorboard":
+                from lightning.pytorch.loggers import TensorBoardLogger
+
+                loggers.append(TensorBoardLogger(run_dir, name="logs", version=f"fold_{fold}", default_hp_metric=False))
+            elif kind == "csv":
+                from lightning.pytorch.loggers import CSVLogger
+
+                loggers.append(CSVLogger(run_dir, name="logs", version=f"fold_{fold}"))
+            elif kind == "wandb":
+                import wandb  # noqa: F401
+                from lightning.pytorch.loggers import WandbLogger
+
+                (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+                loggers.append(
+                    WandbLogger(
+                        project=cfg.log.wandb_project,
+                        name=f"{run_dir.name}/fold_{fold}",
+                        group=run_dir.name,
+                        save_dir=str(run_dir / "logs"),
+                    )
+                )
+            elif kind == "mlflow":
+                import mlflow  # noqa: F401
+                from lightning.pytorch.loggers import MLFlowLogger
+
+                uri = cfg.log.mlflow_tracking_uri or (run_dir / "logs" / "mlruns").as_uri()
+                loggers.append(
+                    MLFlowLogger(
+                        experiment_name="pstage",
+                        run_name=f"{run_dir.name}/fold_{fold}",
+                        tracking_uri=uri,
+                        tags={"run": run_dir.name, "fold": str(fold)},
+                    )
+                )
+        except ImportError:
+            raise ConfigError(
+                f"log.loggers includes {kind}, which is not installed: pip install 'pstage[trackers]' (or remove it from log.loggers)"
+            ) from None
+    return loggers
+
+
+def _class_weights(cfg: Config, source: Source, targets: np.ndarray) -> dict[str, list[float]] | None:
+    if cfg.loss.class_weights != "balanced":
+        return None
+    heads = head_task(source.task, cfg.model.head)
+    out = {}
+    for head, head_targets in heads.head_targets(targets).items():
+        out[head] = balanced_weights(torch.as_tensor(head_targets), len(heads.heads[head])).tolist()
+    return out
+
+
+def _progress_mode(cfg: Config) -> str:
+    mode = cfg.train.progress
+    if mode == "auto":
+        return "bar" if console.is_terminal else "epoch"
+    return mode
+
+
+def fit_fold(
+    k: int,
+    cfg: Config,
+    source: Source,
+    folds: pd.DataFrame,
+    train_cache: CacheInfo,
+    test_cache: CacheInfo | None,
+    run_dir: Path,
+    precision: str,
+    rank0: bool,
+) -> None:
+    """Train fold ``k`` (resuming from last.ckpt if present); on rank 0 then write its predictions."""
+    from pstage.module import ClassifierModule
+
+    started = time.time()
+    fold_dir = run_dir / f"fold_{k}"
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    is_val = (folds["fold"] == k).to_numpy()
+    train_rows, val_rows = source.train[~is_val], source.train[is_val]
+    L.seed_everything(cfg.seed + k, workers=True, verbose=False)
+    module = ClassifierModule(
+        cfg.to_dict(), source.task.to_dict(), _class_weights(cfg, source, train_rows["target"].to_numpy())
+    )
+    transform = build_transforms(cfg.augment)
+    datamodule = FoldData(
+        train_cache.path,
+        train_rows["cache_row"].to_numpy(),
+        train_rows["target"].to_numpy(),
+        val_rows["cache_row"].to_numpy(),
+        val_rows["target"].to_numpy(),
+        cfg,
+        transform,
+    )
+    best = ModelCheckpoint(
+        dirpath=fold_dir,
+        filename="best",
+        monitor="val/macro_f1",
+        mode="max",
+        save_top_k=1,
+        save_weights_only=True,
+        enable_version_counter=False,
+        auto_insert_metric_name=False,
+    )
+    last = ModelCheckpoint(dirpath=fold_dir, filename="last", monitor=None, save_top_k=1, enable_version_counter=False)
+    mode = _progress_mode(cfg)
+    report = FoldReport(k, fold_dir, best, print_lines=mode == "epoch")
+    callbacks: list[Callback] = [best, last, report]
+    if mode == "bar":
+        callbacks.append(RichProgressBar(leave=True))
+    if cfg.train.early_stopping:
+        callbacks.append(EarlyStopping(monitor="val/macro_f1", mode="max", patience=cfg.train.early_stopping))
+    if cfg.train.ema:
+        callbacks.append(EMAWeightAveraging(decay=cfg.train.ema_decay))
+    steps = max(1, len(train_rows) // cfg.train.batch_size)
+    trainer = L.Trainer(
+        max_epochs=cfg.train.epochs,
+        accelerator=cfg.train.accelerator,
+        devices=cfg.train.devices,
+        strategy=cfg.train.strategy,
+        num_nodes=cfg.train.num_nodes,
+        precision=precision,
+        accumulate_grad_batches=cfg.train.accumulate_grad_batches,
+        gradient_clip_val=cfg.train.gradient_clip_val,
+        callbacks=callbacks,
+        logger=make_loggers(cfg, run_dir, k) or False,
+        enable_progress_bar=mode == "bar",
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        log_every_n_steps=min(50, steps),
+        default_root_dir=fold_dir,
+    )
+    if cfg.train.compile:
+        module.model = torch.compile(module.model)
+    resume = fold_dir / "last.ckpt"
+    if rank0 and mode != "none":
+        console.print(f"[bold]fold {k}[/]: {len(train_rows):,} train / {len(val_rows):,} validation images")
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume.exists() else None)
+    for logger in trainer.loggers:
+        logger.finalize("success")
+    if not rank0:
+        return
+    _predict_fold(k, cfg, source, val_rows, train_cache, test_cache, fold_dir, precision, best, report, started)
+
+
+def _predict_fold(
+    k: int,
+    cfg: Config,
+    source: Source,
+    val_rows: pd.DataFrame,
+    train_cache: CacheInfo,
+    test_cache: CacheInfo | None,
+    fold_dir: Path,
+    precision: str,
+    best: ModelCheckpoint,
+    report: FoldReport,
+    started: float,
+) -> None:
+    """OOF and test probabilities from the fold's best weights; metrics.json last (marks the fold done)."""
+    model = load_fold_module(fold_dir / "best.ckpt")
+    device = inference_device(cfg.train.accelerator)
+    batch = cfg.train.batch_size * 2
+    oof = predict_probs(
+        model, train_cache.path, val_rows["cache_row"].to_numpy(), batch_size=batch, device=device, precision=precision
+    )
+    cols = prob_columns(source.task.num_classes)
+    frame = pd.concat(
+        [
+            pd.DataFrame(
+                {"image_id": val_rows["image_id"].to_numpy(), "fold": k, "target": val_rows["target"].to_numpy()}
+            ),
+            pd.DataFrame(oof, columns=cols),
+        ],
+        axis=1,
+    )
+    write_csv(fold_dir / "oof.csv", frame, float_format="%.6g")
+    if test_cache is not None:
+        probs = predict_probs(
+            model, test_cache.path, np.arange(test_cache.count), batch_size=batch, device=device, precision=precision
+        )
+        tmp = fold_dir / ".test.tmp.npy"
+        np.save(tmp, probs.astype(np.float32))
+        os.replace(tmp, fold_dir / "test.npy")
+    history = read_history(fold_dir)
+    score = macro_f1(frame["target"].to_numpy(), oof.argmax(1))
+    best_epoch = max(history, key=lambda r: r["val_macro_f1"] or -1)["epoch"] if history else None
+    metrics = {
+        "fold": k,
+        "macro_f1": score,
+        "best_epoch": best_epoch,
+        "epochs_run": len(history),
+        "val_images": len(val_rows),
+        "resumed_from_epoch": report.resumed_from_epoch,
+        "duration_s": round(time.time() - started, 2),
+        "history": history,
+    }
+    write_json(fold_dir / "metrics.json", metrics)
+    # The fold is finished: last.ckpt (weights + optimizer state, ~3x best.ckpt) has done its job.
+    (fold_dir / "last.ckpt").unlink(missing_ok=True)
+    console.print(
+        f"  fold {k} done: macro F1 {score:.4f} (best epoch {None if best_epoch is None else best_epoch + 1}) in {metrics['duration_s']:.0f}s"
+    )
+
+
+def _write_outputs(run_dir: Path, source: Source, test_cache: CacheInfo | None) -> dict[str, Any]:
+    """oof.csv, test.csv and submission.csv from every finished fold; returns the CV summary."""
+    task = source.task
+    fold_dirs = [run_dir / f"fold_{k}" for k in _finished_folds(run_dir)]
+    if not fold_dirs:
+        raise RunError(f"{run_dir}: no finished fold to summarise")
+    oof = pd.concat([pd.read_csv(d / "oof.csv", dtype={"image_id": str}) for d in fold_dirs], ignore_index=True)
+    order = {image_id: i for i, image_id in enumerate(source.train["image_id"])}
+    oof = (
+        oof.assign(_order=oof["image_id"].map(order))
+        .sort_values("_order")
+        .drop(columns="_order")
+        .reset_index(drop=True)
+    )
+    write_csv(run_dir / "oof.csv", oof, float_format="%.6g")
+    if source.test is not None and test_cache is not None:
+        probs = np.mean([np.load(d / "test.npy") for d in fold_dirs], axis=0)
+        test = pd.concat(
+            [
+                pd.DataFrame({"image_id": source.test["image_id"].to_numpy()}),
+                pd.DataFrame(probs, columns=prob_columns(task.num_classes)),
+            ],
+            axis=1,
+        )
+        write_csv(run_dir / "test.csv", test, float_format="%.6g")
+        write_csv(run_dir / "submission.csv", submission_frame(source.test, probs, task, source.test_format))
+    cv = cv_scores(oof, task)
+    for fold in cv["folds"]:
+        metrics = read_json(run_dir / f"fold_{fold['fold']}" / "metrics.json")
+        fold.update(best_epoch=metrics.get("best_epoch"), duration_s=metrics.get("duration_s"))
+    return cv

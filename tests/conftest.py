@@ -1,0 +1,76 @@
+"""Shared fixtures: an offline, isolated environment and small generated datasets.
+
+Everything runs on tiny images (32x24 model input from 64x48 photos) so the suite stays fast on
+2 CPU cores; subprocess tests inherit the isolated HOME/XDG dirs, so no test writes to the real
+home or reaches a network.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+# Settings that train a tiny model well above chance in a few seconds (see test_training.py).
+FAST = [
+    "data.image_size=[32,24]",
+    "model.name=resnet10t",
+    "split.folds=3",
+    "train.epochs=4",
+    "train.batch_size=32",
+    "optim.lr=0.003",
+    "optim.warmup_epochs=0.5",
+    "train.progress=epoch",
+]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    import tempfile
+
+    home = Path(tempfile.mkdtemp(prefix="pstage-test-home-"))
+    os.environ.update(
+        HOME=str(home),
+        XDG_CACHE_HOME=str(home / ".cache"),
+        XDG_CONFIG_HOME=str(home / ".config"),
+        XDG_DATA_HOME=str(home / ".local" / "share"),
+        HF_HUB_OFFLINE="1",
+        WANDB_MODE="offline",
+        WANDB_SILENT="true",
+        NO_ALBUMENTATIONS_UPDATE="1",
+        PYTHONWARNINGS="ignore::DeprecationWarning",
+        COLUMNS="200",
+    )
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small competition-layout dataset (30 train persons, 6 eval persons, 64x48 photos); read-only by convention."""
+    from pstage.demo_data import make_demo_data
+
+    return make_demo_data(
+        tmp_path_factory.mktemp("demo") / "data", persons=30, eval_persons=6, image_size=(64, 48), seed=0
+    )
+
+
+@pytest.fixture
+def demo_copy(demo_root: Path, tmp_path: Path) -> Path:
+    """A private copy of the demo dataset that a test may damage."""
+    return Path(shutil.copytree(demo_root, tmp_path / "data"))
+
+
+def run_cli(
+    *args: str, cwd: Path | None = None, timeout: float = 300, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """Run ``python -m pstage ARGS`` and capture its output."""
+    return subprocess.run(
+        [sys.executable, "-m", "pstage", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )

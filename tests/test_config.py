@@ -1,0 +1,75 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pstage.config import Config, all_keys, diff_configs, load_config, parse_overrides
+from pstage.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_overrides_parse_as_yaml_values():
+    cfg = load_config(
+        None,
+        ["train.epochs=3", "data.image_size=[64,48]", "optim.lr=3e-4", "train.folds=[0, 2]", "model.pretrained=true"],
+    )
+    assert cfg.train.epochs == 3
+    assert cfg.data.image_size == (64, 48)
+    assert cfg.optim.lr == pytest.approx(3e-4)
+    assert cfg.train.folds == [0, 2]
+    assert cfg.model.pretrained is True
+
+
+def test_file_then_overrides(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("model:\n  name: resnet34\ntrain:\n  epochs: 7\n")
+    cfg = load_config(path, ["train.epochs=2"])
+    assert (cfg.model.name, cfg.train.epochs) == ("resnet34", 2)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.epoch=3", "unknown config key 'train.epoch'; did you mean 'train.epochs'?"),
+        ("train.lr=0.1", "unknown config key 'train.lr'; did you mean 'optim.lr'?"),
+        ("data.imagesize=[64,48]", "did you mean 'data.image_size'?"),
+        ("train.epochs=ten", "config key 'train.epochs': Input should be a valid integer"),
+        ("data.image_size=[64]", "config key 'data.image_size': expected two integers like [128, 96]"),
+        ("data.on_bad_image=maybe", "config key 'data.on_bad_image': Input should be 'error' or 'skip' (got 'maybe')"),
+        ("train.folds=[5]", "train.folds: fold 5 does not exist with split.folds=5"),
+        ("model=resnet18", "config key 'model' is a section"),
+        ("epochs", "override 'epochs' is not KEY=VALUE"),
+    ],
+)
+def test_bad_keys_and_values_name_the_key(override, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_bad_yaml_file_names_file_and_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  epochs: [1,\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml line \d+: invalid YAML"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_default_yaml_matches_the_code_defaults():
+    """configs/default.yaml documents every default; it must not drift from the pydantic models."""
+    shipped = yaml.safe_load((ROOT / "src" / "pstage" / "configs" / "default.yaml").read_text())
+    assert diff_configs(shipped, Config().to_dict()) == []
+    assert load_config(ROOT / "src" / "pstage" / "configs" / "default.yaml") == Config()
+
+
+def test_every_key_is_documented():
+    text = (ROOT / "src" / "pstage" / "configs" / "default.yaml").read_text()
+    for key in all_keys():
+        assert f"{key.rsplit('.', 1)[-1]}:" in text, key
+
+
+def test_parse_overrides_nests():
+    assert parse_overrides(["a.b=1", "a.c=x"]) == {"a": {"b": 1, "c": "x"}}

@@ -1,0 +1,176 @@
+"""End-to-end training through the Python API on generated competition data."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import pstage
+from pstage.errors import ConfigError, RunError
+from tests.conftest import FAST
+
+CHANCE = 1 / 18
+
+
+@pytest.fixture(scope="module")
+def trained(demo_root, tmp_path_factory):
+    runs = tmp_path_factory.mktemp("runs")
+    result = pstage.train(data=demo_root, runs=runs, name="base", overrides=FAST)
+    return result
+
+
+def test_cv_macro_f1_is_far_above_chance(trained):
+    assert trained.status == "done"
+    assert trained.cv["macro_f1"] > 4 * CHANCE, trained.cv
+    assert trained.cv["per_task"]["mask"] > 0.6, trained.cv["per_task"]
+
+
+def test_run_directory_contract(trained, demo_root):
+    run = trained.path
+    info = json.loads((run / "run.json").read_text())
+    for key in (
+        "name",
+        "status",
+        "created",
+        "finished",
+        "user",
+        "host",
+        "git_sha",
+        "pstage_version",
+        "task",
+        "classes",
+        "cv",
+        "duration_s",
+    ):
+        assert key in info, key
+    assert info["status"] == "done" and len(info["classes"]) == 18
+    assert set(info["cv"]) >= {"macro_f1", "macro_f1_std", "folds", "per_task"}
+    assert [f["fold"] for f in info["cv"]["folds"]] == [0, 1, 2]
+    assert set(info["cv"]["per_task"]) == {"mask", "gender", "age"}
+
+    source = pstage.load_source(pstage.load_config(None, [f"data.path={demo_root}"]).data)
+    folds = pd.read_csv(run / "folds.csv", dtype={"image_id": str, "group": str})
+    assert list(folds.columns) == ["image_id", "group", "fold"]
+    assert (folds.groupby("group")["fold"].nunique() == 1).all()
+
+    oof = pd.read_csv(run / "oof.csv")
+    assert list(oof.columns[:3]) == ["image_id", "fold", "target"] and oof.shape[1] == 3 + 18
+    assert sorted(oof["image_id"]) == sorted(source.train["image_id"])  # every training image, once
+    assert np.allclose(oof.filter(like="p_").sum(1), 1, atol=1e-3)
+    merged = oof.merge(folds, on="image_id", suffixes=("", "_split"))
+    assert (merged["fold"] == merged["fold_split"]).all()  # predicted by the model that never saw it
+
+    test = pd.read_csv(run / "test.csv")
+    info_csv = pd.read_csv(demo_root / "eval" / "info.csv")
+    assert test["image_id"].tolist() == info_csv["ImageID"].tolist()
+    submission = pd.read_csv(run / "submission.csv")
+    assert list(submission.columns) == ["ImageID", "ans"]
+    assert submission["ImageID"].tolist() == info_csv["ImageID"].tolist()
+    assert (submission["ans"] == test.filter(like="p_").to_numpy().argmax(1)).all()
+
+    for k in range(3):
+        fold = run / f"fold_{k}"
+        assert (fold / "best.ckpt").exists() and (fold / "metrics.json").exists()
+        assert json.loads((fold / "metrics.json").read_text())["history"]
+    assert list((run / "logs").glob("fold_0/events.out.tfevents.*"))  # TensorBoard by default
+    config = pstage.load_config(run / "config.yaml")
+    assert config.model.name == "resnet10t" and config.data.path == str(demo_root.resolve())
+
+
+def test_test_predictions_beat_chance_on_hidden_truth(trained, demo_root):
+    truth = pd.read_csv(demo_root / "demo_truth.csv")
+    submission = pd.read_csv(trained.path / "submission.csv").merge(truth, on="ImageID", suffixes=("", "_true"))
+    assert (submission["ans"] // 6 == submission["ans_true"] // 6).mean() > 0.6  # mask status
+
+
+def test_predict_recreates_the_submission(trained, demo_root, tmp_path):
+    original = pd.read_csv(trained.path / "submission.csv")
+    out = pstage.predict(trained.path, demo_root, out=tmp_path / "again.csv")
+    assert out.kind == "submission"
+    again = pd.read_csv(out.path)
+    assert again.equals(original)
+
+
+def test_predict_any_folder_of_images(trained, demo_root, tmp_path):
+    person = sorted((demo_root / "train" / "images").iterdir())[0]
+    out = pstage.predict(trained.path, person, out=tmp_path / "p.csv")
+    frame = pd.read_csv(out.path)
+    assert out.kind == "predictions" and len(frame) == 7
+    assert {"image_id", "class", "label", "mask", "gender", "age", "p_0", "p_17"} <= set(frame.columns)
+    assert np.allclose(frame.filter(like="p_").sum(1), 1, atol=1e-3)
+
+
+def test_same_name_same_settings_is_a_no_op(trained, demo_root):
+    before = (trained.path / "run.json").stat().st_mtime_ns
+    again = pstage.train(data=demo_root, runs=trained.path.parent, name="base", overrides=FAST)
+    assert again.cv == trained.cv
+    assert (trained.path / "run.json").stat().st_mtime_ns == before
+
+
+def test_same_name_other_settings_is_refused(trained, demo_root):
+    with pytest.raises(RunError, match=r"was trained with optim.lr=0.003; this command asks optim.lr=0.01"):
+        pstage.train(data=demo_root, runs=trained.path.parent, name="base", overrides=[*FAST, "optim.lr=0.01"])
+
+
+def test_multi_head_focal_ema_balanced_run(demo_root, tmp_path):
+    """The less common switches train end to end and still learn."""
+    overrides = [
+        *FAST,
+        "model.head=multi",
+        "model.pool=gem",
+        "loss.name=focal",
+        "loss.class_weights=balanced",
+        "train.sampler=balanced",
+        "train.ema=true",
+        "train.ema_decay=0.9",
+        "augment.cutmix.p=0.5",
+        "augment.mixup.p=0.3",
+        "train.folds=[0]",
+        "train.gradient_clip_val=1.0",
+        "train.accumulate_grad_batches=2",
+        "log.loggers=[csv]",
+    ]
+    result = pstage.train(data=demo_root, runs=tmp_path, name="multi", overrides=overrides)
+    assert result.cv["folds"][0]["fold"] == 0 and len(result.cv["folds"]) == 1
+    assert result.cv["per_task"]["mask"] > 0.5
+    oof = pd.read_csv(result.path / "oof.csv")
+    assert np.allclose(oof.filter(like="p_").sum(1), 1, atol=1e-3)  # product of heads is a distribution
+    assert (result.path / "logs" / "fold_0" / "metrics.csv").exists()
+
+
+def test_only_some_folds_then_the_rest(demo_root, tmp_path):
+    first = pstage.train(data=demo_root, runs=tmp_path, name="part", overrides=[*FAST, "train.folds=[1]"])
+    assert [f["fold"] for f in first.cv["folds"]] == [1]
+    oof = pd.read_csv(first.path / "oof.csv")
+    assert set(oof["fold"]) == {1}
+    stamp = (first.path / "fold_1" / "metrics.json").stat().st_mtime_ns
+    rest = pstage.train(data=demo_root, runs=tmp_path, name="part", overrides=FAST)
+    assert [f["fold"] for f in rest.cv["folds"]] == [0, 1, 2]
+    assert (first.path / "fold_1" / "metrics.json").stat().st_mtime_ns == stamp  # kept, not retrained
+
+
+def test_unknown_model_and_optimizer_fail_before_any_work(demo_root, tmp_path):
+    with pytest.raises(ConfigError, match="timm has no model 'resnet1'"):
+        pstage.train(data=demo_root, runs=tmp_path, name="x", overrides=["model.name=resnet1"])
+    with pytest.raises(ConfigError, match="timm has no optimizer 'adamx'"):
+        pstage.train(data=demo_root, runs=tmp_path, name="x", overrides=["optim.name=adamx"])
+    assert not (tmp_path / "x").exists()
+
+
+def test_image_folder_dataset_trains(tmp_path, demo_root):
+    """A generic image-folder tree: one label, single head, generic submission."""
+    import shutil
+
+    source = pstage.load_source(pstage.load_config(None, [f"data.path={demo_root}"]).data)
+    for row in source.train.itertuples():
+        cls = ["wear", "incorrect", "none"][row.mask]
+        target = tmp_path / "folder" / "train" / cls / f"{row.group}_{row.image_id.split('/')[1]}.jpg"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(row.path, target)
+    shutil.copytree(demo_root / "eval" / "images", tmp_path / "folder" / "test")
+    result = pstage.train(data=tmp_path / "folder", runs=tmp_path / "runs", name="folder", overrides=FAST)
+    assert result.cv["macro_f1"] > 0.6 and result.cv["per_task"] == {}
+    submission = pd.read_csv(result.path / "submission.csv")
+    assert list(submission.columns) == ["image_id", "label"]
+    assert set(submission["label"]) <= {"wear", "incorrect", "none"}
