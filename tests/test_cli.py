@@ -19,15 +19,16 @@ def test_help_is_fast_and_imports_no_torch():
     assert time.perf_counter() - started < 5
 
 
-def test_train_then_predict(demo_root, tmp_path):
-    out = run_cli("train", "--data", str(demo_root), "--runs", str(tmp_path), "--name", "cli", *FAST, "train.folds=[0]")
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "CV macro F1" in out.stdout and "submission.csv" in out.stdout
+def test_train_then_predict(learned, learn_root, tmp_path):
+    """``pstage train`` (the shared learned run, see conftest) then ``pstage predict`` by run name."""
+    run, out = learned
+    assert "CV macro F1" in out.stdout and "submission.csv" in out.stdout and "per task macro F1" in out.stdout
     predicted = run_cli(
-        "predict", "cli", "--runs", str(tmp_path), "--data", str(demo_root), "--out", str(tmp_path / "sub.csv")
+        "predict", "base", "--runs", str(run.parent), "--data", str(learn_root), "--out", str(tmp_path / "sub.csv")
     )
     assert predicted.returncode == 0, predicted.stderr[-3000:]
-    assert pd.read_csv(tmp_path / "sub.csv").equals(pd.read_csv(tmp_path / "cli" / "submission.csv"))
+    assert "submission: 42 images" in predicted.stdout
+    assert pd.read_csv(tmp_path / "sub.csv").equals(pd.read_csv(run / "submission.csv"))
 
 
 def _one_line_error(out: subprocess.CompletedProcess) -> str:

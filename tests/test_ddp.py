@@ -5,17 +5,17 @@ import json
 import numpy as np
 import pandas as pd
 
-from tests.conftest import FAST, run_cli
+from tests.conftest import LEARN, run_cli
 
 
-def test_ddp_two_cpu_processes(demo_root, tmp_path):
+def test_ddp_two_cpu_processes(learn_root, tmp_path):
     out = run_cli(
         "train",
         "--data",
-        str(demo_root),
+        str(learn_root),
         "--runs",
         str(tmp_path),
-        *FAST,
+        *LEARN,
         "train.folds=[0]",
         "train.strategy=ddp",
         "train.devices=2",
@@ -34,4 +34,5 @@ def test_ddp_two_cpu_processes(demo_root, tmp_path):
     assert oof.shape[1] == 3 + 18
     test = pd.read_csv(run / "test.csv")
     assert test.shape == (7 * 6, 1 + 18) and np.allclose(test.filter(like="p_").sum(1), 1, atol=1e-3)
-    assert info["cv"]["per_task"]["mask"] > 0.5  # a sane model, not just the right shapes
+    assert info["cv"]["macro_f1"] > 2 / 18, info["cv"]  # a sane model, not just the right shapes
+    assert info["cv"]["per_task"]["gender"] > 0.6, info["cv"]

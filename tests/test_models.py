@@ -37,6 +37,13 @@ def test_uint8_input_is_normalised_inside():
     assert torch.allclose(model(images)["label"], model(x)["label"], atol=1e-5)
 
 
+def test_too_small_input_is_a_config_error():
+    with pytest.raises(
+        ConfigError, match=r"model.name=convnext_atto cannot take data.image_size=\[16, 12\].*use a larger image size"
+    ):
+        create_classifier("convnext_atto", mask_task(), input_size=(16, 12))
+
+
 def test_errors_name_the_problem():
     with pytest.raises(ConfigError, match="timm has no model 'resnet19'; did you mean"):
         create_classifier("resnet19", mask_task())
@@ -59,3 +66,12 @@ def test_label_smoothing_and_weights_change_the_loss():
     assert compute_loss("ce", logits, targets, label_smoothing=0.1) > compute_loss("ce", logits, targets)
     weights = balanced_weights(torch.tensor([0, 0, 0, 1]), 3)
     assert weights[1] > weights[0] and weights.mean() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("name", ["mobilenetv3_small_050", "convnext_atto"])
+def test_heads_fit_backbones_with_pre_logits(name):
+    """MobileNetV3 & co. output head_hidden_size features, not num_features: heads must fit either."""
+    for pool in ("avg", "gem"):
+        model = create_classifier(name, mask_task(), "multi", pool=pool, input_size=(64, 48)).eval()
+        logits = model(torch.zeros(2, 64, 48, 3, dtype=torch.uint8))
+        assert logits["mask"].shape == (2, 3)

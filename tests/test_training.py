@@ -1,4 +1,8 @@
-"""End-to-end training through the Python API on generated competition data."""
+"""End-to-end training on generated competition data: the run contract, scores, resume rules, switches.
+
+``learned`` is one real CLI run (see conftest); the other tests train seconds-fast smoke runs
+through the Python API.
+"""
 
 import json
 
@@ -8,26 +12,24 @@ import pytest
 
 import pstage
 from pstage.errors import ConfigError, RunError
-from tests.conftest import FAST
+from pstage.inference import load_fold_module
+from tests.conftest import FAST, LEARN
 
 CHANCE = 1 / 18
 
 
-@pytest.fixture(scope="module")
-def trained(demo_root, tmp_path_factory):
-    runs = tmp_path_factory.mktemp("runs")
-    result = pstage.train(data=demo_root, runs=runs, name="base", overrides=FAST)
-    return result
+def test_cv_macro_f1_is_far_above_chance(learned):
+    run, out = learned
+    info = json.loads((run / "run.json").read_text())
+    assert info["status"] == "done"
+    assert info["cv"]["macro_f1"] > 3 * CHANCE, info["cv"]
+    assert info["cv"]["per_task"]["mask"] > 0.5 and info["cv"]["per_task"]["gender"] > 0.7, info["cv"]["per_task"]
+    assert f"CV macro F1 {info['cv']['macro_f1']:.4f}" in out.stdout
 
 
-def test_cv_macro_f1_is_far_above_chance(trained):
-    assert trained.status == "done"
-    assert trained.cv["macro_f1"] > 4 * CHANCE, trained.cv
-    assert trained.cv["per_task"]["mask"] > 0.6, trained.cv["per_task"]
-
-
-def test_run_directory_contract(trained, demo_root):
-    run = trained.path
+def test_run_directory_contract(learned, learn_root):
+    run, _ = learned
+    demo_root = learn_root
     info = json.loads((run / "run.json").read_text())
     for key in (
         "name",
@@ -72,45 +74,63 @@ def test_run_directory_contract(trained, demo_root):
     for k in range(3):
         fold = run / f"fold_{k}"
         assert (fold / "best.ckpt").exists() and (fold / "metrics.json").exists()
-        assert json.loads((fold / "metrics.json").read_text())["history"]
+        assert not (fold / "last.ckpt").exists()  # only needed while the fold trains
+        history = json.loads((fold / "metrics.json").read_text())["history"]
+        assert [row["epoch"] for row in history] == list(range(12))
     assert list((run / "logs").glob("fold_0/events.out.tfevents.*"))  # TensorBoard by default
     config = pstage.load_config(run / "config.yaml")
-    assert config.model.name == "resnet10t" and config.data.path == str(demo_root.resolve())
+    assert config.model.name == "test_resnet" and config.data.path == str(demo_root.resolve())
 
 
-def test_test_predictions_beat_chance_on_hidden_truth(trained, demo_root):
-    truth = pd.read_csv(demo_root / "demo_truth.csv")
-    submission = pd.read_csv(trained.path / "submission.csv").merge(truth, on="ImageID", suffixes=("", "_true"))
-    assert (submission["ans"] // 6 == submission["ans_true"] // 6).mean() > 0.6  # mask status
+def test_test_predictions_beat_chance_on_hidden_truth(learned, learn_root):
+    run, _ = learned
+    truth = pd.read_csv(learn_root / "demo_truth.csv")
+    submission = pd.read_csv(run / "submission.csv").merge(truth, on="ImageID", suffixes=("", "_true"))
+    assert (submission["ans"] // 6 == submission["ans_true"] // 6).mean() > 5 / 7  # beats always-"wear"
 
 
-def test_predict_recreates_the_submission(trained, demo_root, tmp_path):
-    original = pd.read_csv(trained.path / "submission.csv")
-    out = pstage.predict(trained.path, demo_root, out=tmp_path / "again.csv")
+def test_predict_recreates_the_submission(learned, learn_root, tmp_path):
+    run, _ = learned
+    original = pd.read_csv(run / "submission.csv")
+    out = pstage.predict(run, learn_root, out=tmp_path / "again.csv")
     assert out.kind == "submission"
-    again = pd.read_csv(out.path)
-    assert again.equals(original)
+    assert pd.read_csv(out.path).equals(original)
 
 
-def test_predict_any_folder_of_images(trained, demo_root, tmp_path):
-    person = sorted((demo_root / "train" / "images").iterdir())[0]
-    out = pstage.predict(trained.path, person, out=tmp_path / "p.csv")
+def test_predict_any_folder_of_images(learned, learn_root, tmp_path):
+    run, _ = learned
+    person = sorted((learn_root / "train" / "images").iterdir())[0]
+    out = pstage.predict(run, person, out=tmp_path / "p.csv")
     frame = pd.read_csv(out.path)
     assert out.kind == "predictions" and len(frame) == 7
     assert {"image_id", "class", "label", "mask", "gender", "age", "p_0", "p_17"} <= set(frame.columns)
     assert np.allclose(frame.filter(like="p_").sum(1), 1, atol=1e-3)
 
 
-def test_same_name_same_settings_is_a_no_op(trained, demo_root):
-    before = (trained.path / "run.json").stat().st_mtime_ns
-    again = pstage.train(data=demo_root, runs=trained.path.parent, name="base", overrides=FAST)
-    assert again.cv == trained.cv
-    assert (trained.path / "run.json").stat().st_mtime_ns == before
+def test_tta_changes_predictions(learned, learn_root, tmp_path):
+    run, _ = learned
+    out = pstage.predict(run, learn_root, tta=True)
+    assert out.path == run / "submission_tta.csv" and len(out.frame) == 42
+    person = sorted((learn_root / "train" / "images").iterdir())[0]
+    plain = pstage.predict(run, person, out=tmp_path / "a.csv").frame.filter(like="p_").to_numpy()
+    flipped = pstage.predict(run, person, tta=True, out=tmp_path / "b.csv").frame.filter(like="p_").to_numpy()
+    assert not np.allclose(plain, flipped)
+    assert np.allclose(flipped.sum(1), 1, atol=1e-3)
 
 
-def test_same_name_other_settings_is_refused(trained, demo_root):
-    with pytest.raises(RunError, match=r"was trained with optim.lr=0.003; this command asks optim.lr=0.01"):
-        pstage.train(data=demo_root, runs=trained.path.parent, name="base", overrides=[*FAST, "optim.lr=0.01"])
+def test_same_name_same_settings_is_a_no_op(learned, learn_root):
+    run, _ = learned
+    before = (run / "run.json").stat().st_mtime_ns
+    info = json.loads((run / "run.json").read_text())
+    again = pstage.train(data=learn_root, runs=run.parent, name="base", overrides=LEARN)
+    assert again.cv == info["cv"]
+    assert (run / "run.json").stat().st_mtime_ns == before
+
+
+def test_same_name_other_settings_is_refused(learned, learn_root):
+    run, _ = learned
+    with pytest.raises(RunError, match=r"was trained with optim.lr=0.01; this command asks optim.lr=0.02"):
+        pstage.train(data=learn_root, runs=run.parent, name="base", overrides=[*LEARN, "optim.lr=0.02"])
 
 
 def test_multi_head_focal_ema_balanced_run(demo_root, tmp_path):
@@ -133,7 +153,8 @@ def test_multi_head_focal_ema_balanced_run(demo_root, tmp_path):
     ]
     result = pstage.train(data=demo_root, runs=tmp_path, name="multi", overrides=overrides)
     assert result.cv["folds"][0]["fold"] == 0 and len(result.cv["folds"]) == 1
-    assert result.cv["per_task"]["mask"] > 0.5
+    model = load_fold_module(result.path / "fold_0" / "best.ckpt").model
+    assert set(model.heads) == {"mask", "gender", "age"} and hasattr(model.pool, "p")  # multi-head + GeM
     oof = pd.read_csv(result.path / "oof.csv")
     assert np.allclose(oof.filter(like="p_").sum(1), 1, atol=1e-3)  # product of heads is a distribution
     assert (result.path / "logs" / "fold_0" / "metrics.csv").exists()
@@ -170,7 +191,7 @@ def test_image_folder_dataset_trains(tmp_path, demo_root):
         shutil.copy(row.path, target)
     shutil.copytree(demo_root / "eval" / "images", tmp_path / "folder" / "test")
     result = pstage.train(data=tmp_path / "folder", runs=tmp_path / "runs", name="folder", overrides=FAST)
-    assert result.cv["macro_f1"] > 0.6 and result.cv["per_task"] == {}
+    assert result.cv["per_task"] == {} and len(json.loads((result.path / "run.json").read_text())["classes"]) == 3
     submission = pd.read_csv(result.path / "submission.csv")
     assert list(submission.columns) == ["image_id", "label"]
     assert set(submission["label"]) <= {"wear", "incorrect", "none"}

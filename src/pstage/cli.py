@@ -70,9 +70,12 @@ def train(
     ),
 ) -> None:
     """Train a K-fold cross-validated run: OOF + test probabilities, submission.csv, run.json."""
+    from pstage.config import load_config
+
+    resolved = load_config(config, overrides or [])  # config errors answer before torch is imported
     from pstage.training import train as train_run
 
-    result = train_run(config, data=data, runs=runs, name=name, overrides=overrides or [])
+    result = train_run(resolved, data=data, runs=runs, name=name)
     if result is not None:  # None in non-zero DDP ranks
         _print_result(result)
 
@@ -92,9 +95,12 @@ def predict(
     runs: Path = typer.Option(Path("runs"), "--runs", help="Folder holding run directories."),
 ) -> None:
     """Predict with a finished run's fold models."""
+    from pstage.runs import resolve_run
+
+    run_dir = resolve_run(run, runs)  # a wrong name answers before torch is imported
     from pstage.inference import predict as predict_run
 
-    result = predict_run(run, data, runs=runs, tta=tta, out=out)
+    result = predict_run(run_dir, data, runs=runs, tta=tta, out=out)
     for problem in result.skipped:
         err.print(f"[yellow]warning:[/] {problem}")
     what = "submission" if result.kind == "submission" else "predictions"

@@ -717,10 +717,14 @@ def _write_person(job: _Job) -> list[dict[str, object]]:
 
 
 def _run_jobs(jobs: list[_Job], workers: int) -> list[list[dict[str, object]]]:
-    """Run person jobs in order; in a process pool (platform's default start method) when workers > 1."""
+    """Run person jobs in order; in a process pool when workers > 1.
+
+    Spawned, not forked: forking a process whose torch/OpenCV thread pools are already running
+    (a notebook or test session that trained a model) deadlocks the children.
+    """
     if workers <= 1 or len(jobs) <= 1:
         return [_write_person(job) for job in jobs]
-    ctx = multiprocessing.get_context()
+    ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(min(workers, len(jobs)), ctx, initializer=cv2.setNumThreads, initargs=(1,)) as pool:
         return list(pool.map(_write_person, jobs, chunksize=max(1, len(jobs) // (workers * 8))))
 
@@ -796,8 +800,8 @@ def make_demo_data(
     """Generate (or reuse, when already complete with the same arguments) the synthetic mask data set at root.
 
     image_size is the (H, W) of the photos; workers is the number of processes (None: os.cpu_count()), the bytes
-    written do not depend on it. With workers > 1 under the spawn/forkserver start method (macOS, Windows,
-    Python >= 3.14) a calling script needs the usual `if __name__ == "__main__":` guard. Returns Path(root).
+    written do not depend on it. Workers are spawned processes, so with workers > 1 a calling script needs the
+    usual `if __name__ == "__main__":` guard (the pstage CLI, notebooks and pytest need nothing). Returns Path(root).
     """
     root = Path(root)
     size = _check_args(persons, eval_persons, image_size, seed)

@@ -47,21 +47,38 @@ def check_model_name(name: str) -> None:
     raise ConfigError(f"model.name: timm has no model '{name}'{hint}")
 
 
-def _outputs_feature_maps(backbone: nn.Module) -> bool:
-    """True when the backbone (with global_pool='') returns (N, C, H, W) maps, as CNNs do."""
+def _output_shape(backbone: nn.Module, name: str, input_size: tuple[int, int]) -> torch.Size:
+    """Shape of the backbone's output for one image of ``input_size``, or a ConfigError if it cannot take it.
+
+    Probed rather than read from ``num_features``: models with a pre-logits layer (MobileNetV3,
+    ...) output ``head_hidden_size`` features, and only a forward pass says whether a backbone
+    with ``global_pool=''`` returns feature maps (CNNs) or tokens (ViTs).
+    """
     was_training = backbone.training
     backbone.eval()
-    with torch.no_grad():
-        ndim = backbone(torch.zeros(1, 3, 64, 64)).ndim
+    try:
+        with torch.no_grad():
+            shape = backbone(torch.zeros(1, 3, *input_size)).shape
+    except RuntimeError as exc:
+        raise ConfigError(
+            f"model.name={name} cannot take data.image_size={list(input_size)} ({str(exc).splitlines()[0]}): use a larger image size"
+        ) from None
     backbone.train(was_training)
-    return ndim == 4
+    return shape
 
 
 class Classifier(nn.Module):
     """Backbone + pooling + a linear head per task head; input uint8 (N, H, W, 3)."""
 
     def __init__(
-        self, name: str, heads: dict[str, int], *, pretrained: bool = False, pool: str = "avg", drop_rate: float = 0.0
+        self,
+        name: str,
+        heads: dict[str, int],
+        *,
+        pretrained: bool = False,
+        pool: str = "avg",
+        drop_rate: float = 0.0,
+        input_size: tuple[int, int] = (64, 64),
     ):
         super().__init__()
         check_model_name(name)
@@ -74,12 +91,13 @@ class Classifier(nn.Module):
                 f"model.name={name} pretrained={pretrained}: timm could not create it ({str(exc).splitlines()[0]})"
             ) from None
         self.pool = GeM() if pool == "gem" else nn.Identity()
-        if pool == "gem" and not _outputs_feature_maps(self.backbone):
+        shape = _output_shape(self.backbone, name, tuple(input_size))
+        if pool == "gem" and len(shape) != 4:
             raise ConfigError(
                 f"model.pool=gem needs a convolutional backbone; {name} does not output feature maps (use model.pool=avg)"
             )
         self.dropout = nn.Dropout(drop_rate)
-        self.heads = nn.ModuleDict({head: nn.Linear(self.backbone.num_features, n) for head, n in heads.items()})
+        self.heads = nn.ModuleDict({head: nn.Linear(shape[1], n) for head, n in heads.items()})
         cfg = self.backbone.pretrained_cfg
         self.register_buffer(
             "mean", torch.tensor(cfg.get("mean", (0.485, 0.456, 0.406))).view(1, 3, 1, 1) * 255, persistent=False

@@ -52,6 +52,7 @@ class ClassifierModule(L.LightningModule):
             pretrained=cfg.model.pretrained,
             pool=cfg.model.pool,
             drop_rate=cfg.model.drop_rate,
+            input_size=tuple(cfg.data.image_size),
         )
         self.heads = head_task(self.task, cfg.model.head)
         self.channels_last = uses_channels_last(self.model, cfg.train.channels_last)

@@ -16,10 +16,11 @@ def print_run(run_dir: str | Path) -> None:
     run_dir = Path(run_dir)
     info = load_run_info(run_dir)
     cv = info.get("cv") or {}
-    table = Table(
-        title=f"{info['name']}: CV macro F1 {cv.get('macro_f1', float('nan')):.4f} ± {cv.get('macro_f1_std', float('nan')):.4f}",
-        title_justify="left",
+    console.print(
+        f"[bold]{info['name']}[/]: CV macro F1 {cv.get('macro_f1', float('nan')):.4f} ± {cv.get('macro_f1_std', float('nan')):.4f}"
+        f" (mean ± std over folds; pooled OOF {cv.get('oof_macro_f1', float('nan')):.4f})"
     )
+    table = Table()
     table.add_column("fold", justify="right")
     table.add_column("macro F1", justify="right")
     table.add_column("images", justify="right")
