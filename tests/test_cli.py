@@ -89,3 +89,11 @@ def test_unreadable_image_error_then_skip(demo_copy, tmp_path):
 def test_predict_errors(tmp_path):
     line = _one_line_error(run_cli("predict", "nope", "--runs", str(tmp_path)))
     assert "run 'nope' not found" in line
+
+
+def test_missing_data_leaves_no_run_behind(tmp_path):
+    line = _one_line_error(run_cli("train", "--runs", str(tmp_path), "--name", "x"))
+    assert "no data given: pass --data DIR" in line
+    line = _one_line_error(run_cli("train", "--data", str(tmp_path / "nope"), "--runs", str(tmp_path), "--name", "x"))
+    assert "nope does not exist" in line
+    assert not (tmp_path / "x").exists()

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 import pstage
-from pstage.errors import ConfigError, RunError
+from pstage.errors import ConfigError, DataError, RunError
 from pstage.inference import load_fold_module
 from tests.conftest import FAST, LEARN
 
@@ -157,7 +157,7 @@ def test_multi_head_focal_ema_balanced_run(demo_root, tmp_path):
     assert set(model.heads) == {"mask", "gender", "age"} and hasattr(model.pool, "p")  # multi-head + GeM
     oof = pd.read_csv(result.path / "oof.csv")
     assert np.allclose(oof.filter(like="p_").sum(1), 1, atol=1e-3)  # product of heads is a distribution
-    assert (result.path / "logs" / "fold_0" / "metrics.csv").exists()
+    assert (result.path / "logs" / "csv" / "fold_0" / "metrics.csv").exists()
 
 
 def test_only_some_folds_then_the_rest(demo_root, tmp_path):
@@ -195,3 +195,25 @@ def test_image_folder_dataset_trains(tmp_path, demo_root):
     submission = pd.read_csv(result.path / "submission.csv")
     assert list(submission.columns) == ["image_id", "label"]
     assert set(submission["label"]) <= {"wear", "incorrect", "none"}
+
+
+def test_failed_start_resumes_after_the_data_is_fixed(demo_copy, tmp_path):
+    info_csv = demo_copy / "eval" / "info.csv"
+    saved = info_csv.read_bytes()
+    info_csv.unlink()
+    with pytest.raises(DataError, match="info.csv not found"):
+        pstage.train(data=demo_copy, runs=tmp_path, name="fix", overrides=[*FAST, "train.folds=[0]"])
+    assert json.loads((tmp_path / "fix" / "run.json").read_text())["status"] == "failed"
+    info_csv.write_bytes(saved)
+    result = pstage.train(data=demo_copy, runs=tmp_path, name="fix", overrides=[*FAST, "train.folds=[0]"])
+    info = json.loads((tmp_path / "fix" / "run.json").read_text())
+    assert result.status == "done" and info["status"] == "done" and "error" not in info
+
+
+def test_a_done_run_stays_done_when_a_rerun_fails(demo_copy, tmp_path):
+    first = pstage.train(data=demo_copy, runs=tmp_path, name="keep", overrides=[*FAST, "train.folds=[0]"])
+    before = (first.path / "run.json").read_text()
+    (demo_copy / "eval" / "info.csv").unlink()  # e.g. the data moved or changed
+    with pytest.raises(DataError):
+        pstage.train(data=demo_copy, runs=tmp_path, name="keep", overrides=FAST)  # asks for more folds
+    assert (first.path / "run.json").read_text() == before

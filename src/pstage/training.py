@@ -111,8 +111,11 @@ def train(
     cfg = load_config(config, overrides)
     if data is not None:
         cfg.data.path = str(data)
-    if cfg.data.path:
-        cfg.data.path = str(Path(cfg.data.path).expanduser().resolve())
+    if not cfg.data.path:
+        raise DataError("no data given: pass --data DIR (or set data.path in the config)")
+    cfg.data.path = str(Path(cfg.data.path).expanduser().resolve())
+    if not Path(cfg.data.path).exists():
+        raise DataError(f"data path {cfg.data.path} does not exist")
     check_model_name(cfg.model.name)
     check_optimizer(cfg.optim.name)
     rank0 = is_rank_zero()
@@ -149,14 +152,22 @@ def _start(cfg: Config, run_dir: Path) -> dict[str, Any]:
 
 
 def _write_status(run_dir: Path, info: dict[str, Any], status: str, **extra: Any) -> dict[str, Any]:
-    info = {**info, **extra, "status": status}
+    info = {**{k: v for k, v in info.items() if k != "error"}, **extra, "status": status}
     write_json(run_dir / RUN_FILE, info)
     return info
 
 
 def _run(cfg: Config, run_dir: Path, rank0: bool) -> RunResult | None:
+    """The run's life: start (or resume), folds, outputs, run.json.
+
+    run.json is written before anything else, so a run killed at any point is recognised and
+    resumed. A run that was already done keeps its run.json until the new state is done too:
+    re-running it (more folds, moved data) never hides finished results behind "failed".
+    """
     started = time.time()
     previous = _start(cfg, run_dir) if rank0 else {}
+    was_done = previous.get("status") == "done"
+    spent_before = float(previous.get("duration_s", 0.0))
     info: dict[str, Any] = {
         "name": run_dir.name,
         "status": "running",
@@ -166,57 +177,58 @@ def _run(cfg: Config, run_dir: Path, rank0: bool) -> RunResult | None:
         "model": cfg.model.name,
         "image_size": list(cfg.data.image_size),
         "epochs": cfg.train.epochs,
+        "duration_s": spent_before,
     }
-    spent_before = float(previous.get("duration_s", 0.0))
+
+    def record(status: str, **extra: Any) -> None:
+        nonlocal info
+        if rank0 and not (was_done and status != "done"):
+            info = _write_status(run_dir, info, status, duration_s=spent_before + time.time() - started, **extra)
+
+    record("running")
+    precision = resolve_precision(cfg.train.precision, cfg.train.accelerator)
+    wanted = cfg.train.folds if cfg.train.folds is not None else list(range(cfg.split.folds))
+    if rank0:
+        console.print(
+            f"[bold]{run_dir.name}[/]: {cfg.model.name} {cfg.data.image_size[0]}x{cfg.data.image_size[1]}, "
+            f"{len(wanted)} fold(s) x {cfg.train.epochs} epochs, precision {precision} -> {run_dir}"
+        )
     try:
         source = load_source(cfg.data)
         info.update(task=source.task.to_dict(), classes=source.task.classes)
         train_cache, test_cache = prepare_caches(source, cfg, verbose=rank0)
         folds = _folds(source, cfg, run_dir, rank0)
-        wanted = cfg.train.folds if cfg.train.folds is not None else list(range(cfg.split.folds))
         pending = [k for k in wanted if not (run_dir / f"fold_{k}" / "metrics.json").exists()]
-        precision = resolve_precision(cfg.train.precision, cfg.train.accelerator)
         info["resolved"] = {
             "precision": precision,
             "num_workers": resolve_workers(cfg.train.num_workers, build_transforms(cfg.augment) is not None),
         }
         if rank0:
-            if previous.get("status") == "done" and not pending:
-                console.print(
-                    f"[bold]{run_dir.name}[/]: already done (CV macro F1 {previous['cv']['macro_f1']:.4f}); nothing to train"
-                )
+            if was_done and not pending:
+                console.print(f"  already done (CV macro F1 {previous['cv']['macro_f1']:.4f}); nothing to train")
                 return _result(run_dir, previous)
-            info = _write_status(run_dir, info, "running", duration_s=spent_before)
             done = sorted(set(wanted) - set(pending))
-            resumed = f", resuming (folds {', '.join(map(str, done))} already done)" if done else ""
-            console.print(
-                f"[bold]{run_dir.name}[/]: {cfg.model.name} {cfg.data.image_size[0]}x{cfg.data.image_size[1]}, {len(wanted)} fold(s) x {cfg.train.epochs} epochs, precision {precision}{resumed} -> {run_dir}"
-            )
+            if done:
+                console.print(f"  resuming (folds {', '.join(map(str, done))} already done)")
+            record("running")
         for k in pending:
             fit_fold(k, cfg, source, folds, train_cache, test_cache, run_dir, precision, rank0)
-            if rank0:
-                info = _write_status(run_dir, info, "running", duration_s=spent_before + time.time() - started)
+            record("running")
         if not rank0:
             return None
         cv = _write_outputs(run_dir, source, test_cache)
-        info = _write_status(
-            run_dir,
-            info,
+        record(
             "done",
             cv=cv,
             finished=now(),
-            duration_s=spent_before + time.time() - started,
             folds_trained=_finished_folds(run_dir),
             data=_data_summary(source, test_cache),
             skipped=source.skipped,
         )
         return _result(run_dir, info)
     except BaseException as exc:
-        if rank0:
-            reason = (
-                "interrupted" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else f"{type(exc).__name__}: {exc}"
-            )
-            _write_status(run_dir, info, "failed", error=reason, duration_s=spent_before + time.time() - started)
+        reason = "interrupted" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else f"{type(exc).__name__}: {exc}"
+        record("failed", error=reason)
         raise
 
 
@@ -383,7 +395,7 @@ def make_loggers(cfg: Config, run_dir: Path, fold: int) -> list[Any]:
             elif kind == "csv":
                 from lightning.pytorch.loggers import CSVLogger
 
-                loggers.append(CSVLogger(run_dir, name="logs", version=f"fold_{fold}"))
+                loggers.append(CSVLogger(run_dir / "logs", name="csv", version=f"fold_{fold}"))
             elif kind == "wandb":
                 import wandb  # noqa: F401
                 from lightning.pytorch.loggers import WandbLogger
@@ -401,18 +413,28 @@ def make_loggers(cfg: Config, run_dir: Path, fold: int) -> list[Any]:
                 import mlflow  # noqa: F401
                 from lightning.pytorch.loggers import MLFlowLogger
 
-                uri = cfg.log.mlflow_tracking_uri or (run_dir / "logs" / "mlruns").as_uri()
+                # One SQLite store per runs folder (MLflow 3 refuses its old file store): `mlflow ui
+                # --backend-store-uri sqlite:///runs/mlflow.db` then shows every run of the folder.
+                uri = cfg.log.mlflow_tracking_uri or f"sqlite:///{run_dir.parent / 'mlflow.db'}"
                 loggers.append(
                     MLFlowLogger(
                         experiment_name="pstage",
                         run_name=f"{run_dir.name}/fold_{fold}",
                         tracking_uri=uri,
+                        artifact_location=(run_dir.parent / "mlartifacts").as_uri(),
                         tags={"run": run_dir.name, "fold": str(fold)},
                     )
                 )
+            if kind in ("wandb", "mlflow"):
+                loggers[-1].experiment  # noqa: B018  (start it now: a bad URI or login fails here, not mid-fit)
         except ImportError:
             raise ConfigError(
                 f"log.loggers includes {kind}, which is not installed: pip install 'pstage[trackers]' (or remove it from log.loggers)"
+            ) from None
+        except Exception as exc:
+            message = " ".join(str(exc).split())[:300]
+            raise ConfigError(
+                f"log.loggers: {kind} could not start ({message}); check log.* or remove it from log.loggers"
             ) from None
     return loggers
 
