@@ -237,6 +237,17 @@ class AugmentConfig(Section):
 
 class TTAConfig(Section):
     hflip: bool = Field(True, description="With --tta, average over the image and its mirror.")
+    scales: list[float] = Field(
+        [1.0],
+        description="With --tta, also average over centre zooms of the image by these factors (e.g. [1.0, 1.15]); 1.0 is the image as trained.",
+    )
+
+    @field_validator("scales")
+    @classmethod
+    def _scales(cls, value: list[float]) -> list[float]:
+        if not value or any(not 0.5 <= s <= 2.0 for s in value):
+            raise ValueError("expected a non-empty list of zoom factors between 0.5 and 2.0, e.g. [1.0, 1.15]")
+        return value
 
 
 class LogConfig(Section):
@@ -245,7 +256,7 @@ class LogConfig(Section):
     )
     wandb_project: str = Field("pstage", description="W&B project (WANDB_MODE=offline works without a network).")
     mlflow_tracking_uri: str | None = Field(
-        None, description="MLflow tracking URI; default a file store under <run>/logs/mlruns."
+        None, description="MLflow tracking URI; default a SQLite store shared by the runs folder (runs/mlflow.db)."
     )
 
 
