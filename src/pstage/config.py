@@ -260,6 +260,122 @@ class LogConfig(Section):
     )
 
 
+PARAM_FIELDS = ("type", "low", "high", "log", "step", "choices")
+# Keys a search may not vary: where the data is, which folds a trial trains, the search itself.
+UNTUNABLE = ("data.path", "train.folds", "tune.")
+
+
+class TuneParam(Section):
+    """One dimension of the search space: a float/int range (optionally log-scaled) or categorical choices."""
+
+    type: Literal["float", "int", "categorical"] | None = Field(
+        None, description="float, int or categorical; default: categorical with choices, else the config key's type."
+    )
+    low: float | None = Field(None, description="Lower bound (inclusive) of a float/int range.")
+    high: float | None = Field(None, description="Upper bound (inclusive) of a float/int range.")
+    log: bool = Field(False, description="Sample the range on a log scale (learning rates, weight decay).")
+    step: float | None = Field(None, gt=0, description="Grid step of the range (not with log).")
+    choices: list[Any] | None = Field(None, description="Values of a categorical dimension (any YAML values).")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TuneParam:
+        kind = self.type or ("categorical" if self.choices is not None else None)
+        if kind == "categorical":
+            if not self.choices:
+                raise ValueError("empty categorical: give at least one value in choices (e.g. [resnet10t, resnet18])")
+            if self.low is not None or self.high is not None:
+                raise ValueError("a categorical dimension takes choices, not low/high")
+            return self
+        if self.choices is not None:
+            raise ValueError(f"choices given with type {kind}: use type categorical, or low/high for a range")
+        if self.low is None or self.high is None:
+            raise ValueError("a range needs both low and high (or give choices for a categorical)")
+        if self.low >= self.high:
+            raise ValueError(f"low ({self.low:g}) must be below high ({self.high:g})")
+        if self.log and self.low <= 0:
+            raise ValueError(f"log scale needs low > 0 (got {self.low:g})")
+        if self.log and self.step is not None:
+            raise ValueError("log and step cannot be combined; drop one")
+        if kind == "int" and not all(float(v).is_integer() for v in (self.low, self.high, self.step or 1)):
+            raise ValueError("an int range needs integer low, high and step")
+        return self
+
+
+def _space(value: Any) -> Any:
+    """Accept shorthands: a list is categorical choices; nested sections flatten to dotted keys."""
+    if not isinstance(value, dict):
+        return value
+    flat: dict[str, Any] = {}
+
+    def walk(node: dict[str, Any], prefix: str) -> None:
+        for key, item in node.items():
+            dotted = f"{prefix}{key}"
+            if isinstance(item, (list, tuple)):
+                flat[dotted] = {"choices": list(item)}
+            elif isinstance(item, dict) and item and not set(item) & set(PARAM_FIELDS):
+                walk(item, f"{dotted}.")
+            else:
+                flat[dotted] = item
+
+    walk(value, "")
+    return flat
+
+
+class TuneConfig(Section):
+    study: str | None = Field(
+        None, description="Study name (default: the config file's name, else 'study'); trials run as <study>-<NNN>."
+    )
+    space: Annotated[dict[str, TuneParam], BeforeValidator(_space)] = Field(
+        {},
+        description="Search space: dotted config key -> {low, high, log, step} range or list of choices, e.g. optim.lr: {low: 1.0e-4, high: 1.0e-2, log: true}, model.name: [resnet10t, resnet18].",
+    )
+    metric: Literal["macro_f1", "oof_macro_f1", "accuracy", "per_task.mask", "per_task.gender", "per_task.age"] = Field(
+        "macro_f1",
+        description="Objective (maximised) from the run's CV: macro_f1 = mean of fold macro F1 (the board's CV); per_task.* needs the mask task. Pruning always watches fold macro F1.",
+    )
+    folds: list[int] | None = Field(
+        None,
+        description="Folds each trial trains (e.g. [0, 1]) to search faster; null trains all. Train the best config on every fold afterwards.",
+    )
+    sampler: Literal["tpe", "random"] = Field(
+        "tpe", description="Optuna sampler: tpe (Tree-structured Parzen Estimator) or random."
+    )
+    seed: int | None = Field(
+        None,
+        description="Sampler seed (default: the config seed). Trial n samples with seed+n, so workers sharing a study never propose the same startup trial.",
+    )
+    startup_trials: int = Field(
+        5, ge=0, description="TPE: random trials before the model of good/bad regions kicks in."
+    )
+    pruner: Literal["median", "halving", "hyperband", "threshold", "none"] = Field(
+        "median",
+        description="Stop unpromising trials early: median (below the median of earlier trials at the same step), halving (successive halving), hyperband, threshold (below prune_below), none.",
+    )
+    pruner_startup_trials: int = Field(
+        3, ge=0, description="median: finished trials needed before any trial is pruned."
+    )
+    pruner_warmup_steps: int = Field(
+        1,
+        ge=0,
+        description="median/threshold: steps never pruned (a step is one epoch; steps run on across folds: step = fold position x epochs + epoch).",
+    )
+    prune_below: float = Field(
+        0.0, description="threshold: prune a trial whose running macro F1 is below this after the warm-up steps."
+    )
+    top: int = Field(10, ge=1, description="Trials listed in the results table.")
+
+    @field_validator("space")
+    @classmethod
+    def _known_keys(cls, value: dict[str, TuneParam]) -> dict[str, TuneParam]:
+        keys = all_keys()
+        for key in value:
+            if key.startswith(UNTUNABLE) or key in UNTUNABLE:
+                raise ValueError(f"'{key}' cannot be searched (data.path, train.folds and tune.* are fixed per study)")
+            if key not in keys:
+                raise ValueError(f"unknown key '{key}' in the search space{_closest(key)}")
+        return value
+
+
 class Config(Section):
     """The whole, resolved configuration of one run."""
 
@@ -273,6 +389,7 @@ class Config(Section):
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     tta: TTAConfig = Field(default_factory=TTAConfig)
     log: LogConfig = Field(default_factory=LogConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
 
     @model_validator(mode="after")
     def _folds_in_range(self) -> Config:
@@ -280,6 +397,11 @@ class Config(Section):
             if not 0 <= fold < self.split.folds:
                 raise ValueError(
                     f"train.folds: fold {fold} does not exist with split.folds={self.split.folds} (valid: 0..{self.split.folds - 1})"
+                )
+        for fold in self.tune.folds or []:
+            if not 0 <= fold < self.split.folds:
+                raise ValueError(
+                    f"tune.folds: fold {fold} does not exist with split.folds={self.split.folds} (valid: 0..{self.split.folds - 1})"
                 )
         return self
 
@@ -389,7 +511,10 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def _describe(error: dict[str, Any]) -> str:
-    loc = ".".join(str(p) for p in error["loc"])
+    parts = [str(p) for p in error["loc"]]
+    if parts[:2] == ["tune", "space"] and len(parts) > 2:  # space keys are dotted themselves
+        parts = [f"tune.space[{parts[2]}]", *parts[3:]]
+    loc = ".".join(parts)
     msg = error["msg"].removeprefix("Value error, ")
     if not loc:  # a cross-field check: its message names the keys itself
         return msg
@@ -458,6 +583,11 @@ def annotated_yaml(config: Config | None = None) -> str:
                 continue
             if field.description:
                 lines.append(f"{indent}# {field.description}")
+            if isinstance(value, dict):  # tune.space: each dimension as its set keys only
+                value = {
+                    k: v.model_dump(mode="json", exclude_defaults=True) if isinstance(v, BaseModel) else v
+                    for k, v in value.items()
+                }
             lines.append(f"{indent}{name}: {_flow(value)}")
         if indent == "":
             lines.append("")

@@ -17,6 +17,7 @@ import json
 import os
 import re
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -101,11 +102,14 @@ def train(
     runs: str | Path = "runs",
     name: str | None = None,
     overrides: list[str] | tuple[str, ...] | dict[str, Any] = (),
+    fold_callbacks: Callable[[int], Sequence[Callback]] | None = None,
 ) -> RunResult | None:
     """Train a cross-validated run into ``runs/<name>`` and return its result.
 
     Re-running with the same name resumes: finished folds are kept, an unfinished fold continues
     from its last checkpoint. Returns None in the non-zero ranks of a DDP run.
+    ``fold_callbacks(k)`` may add Lightning callbacks to fold k's Trainer (``pstage tune`` reports
+    every epoch to Optuna through it and prunes by raising from it).
     """
     quiet_lightning()
     cfg = load_config(config, overrides)
@@ -124,12 +128,12 @@ def train(
         raise ConfigError(f"run name '{name}': use letters, digits and . _ + = - (it becomes a folder name)")
     run_dir = (Path(runs).expanduser() / name).resolve()
     if not rank0:
-        _run(cfg, run_dir, rank0=False)
+        _run(cfg, run_dir, rank0=False, fold_callbacks=fold_callbacks)
         return None
     os.environ[RUN_NAME_ENV] = name
     run_dir.mkdir(parents=True, exist_ok=True)
     with RunLock(run_dir):
-        return _run(cfg, run_dir, rank0=True)
+        return _run(cfg, run_dir, rank0=True, fold_callbacks=fold_callbacks)
 
 
 def _start(cfg: Config, run_dir: Path) -> dict[str, Any]:
@@ -157,7 +161,12 @@ def _write_status(run_dir: Path, info: dict[str, Any], status: str, **extra: Any
     return info
 
 
-def _run(cfg: Config, run_dir: Path, rank0: bool) -> RunResult | None:
+def _run(
+    cfg: Config,
+    run_dir: Path,
+    rank0: bool,
+    fold_callbacks: Callable[[int], Sequence[Callback]] | None = None,
+) -> RunResult | None:
     """The run's life: start (or resume), folds, outputs, run.json.
 
     run.json is written before anything else, so a run killed at any point is recognised and
@@ -212,7 +221,7 @@ def _run(cfg: Config, run_dir: Path, rank0: bool) -> RunResult | None:
                 console.print(f"  resuming (folds {', '.join(map(str, done))} already done)")
             record("running")
         for k in pending:
-            fit_fold(k, cfg, source, folds, train_cache, test_cache, run_dir, precision, rank0)
+            fit_fold(k, cfg, source, folds, train_cache, test_cache, run_dir, precision, rank0, fold_callbacks)
             record("running")
         if not rank0:
             return None
@@ -466,6 +475,7 @@ def fit_fold(
     run_dir: Path,
     precision: str,
     rank0: bool,
+    fold_callbacks: Callable[[int], Sequence[Callback]] | None = None,
 ) -> None:
     """Train fold ``k`` (resuming from last.ckpt if present); on rank 0 then write its predictions."""
     from pstage.module import ClassifierModule
@@ -502,7 +512,7 @@ def fit_fold(
     last = ModelCheckpoint(dirpath=fold_dir, filename="last", monitor=None, save_top_k=1, enable_version_counter=False)
     mode = _progress_mode(cfg)
     report = FoldReport(k, fold_dir, best, print_lines=mode == "epoch")
-    callbacks: list[Callback] = [best, last, report]
+    callbacks: list[Callback] = [best, last, report, *(fold_callbacks(k) if fold_callbacks else ())]
     if mode == "bar":
         callbacks.append(RichProgressBar(leave=True))
     if cfg.train.early_stopping:
