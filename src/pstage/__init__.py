@@ -22,6 +22,8 @@ _API = {
     "Prediction": ("pstage.inference", "Prediction"),
     "run_demo": ("pstage.demo", "run_demo"),
     "make_demo_data": ("pstage.demo_data", "make_demo_data"),
+    "tune": ("pstage.tuning", "tune"),
+    "TuneResult": ("pstage.tuning", "TuneResult"),
     "load_config": ("pstage.config", "load_config"),
     "Config": ("pstage.config", "Config"),
     "load_source": ("pstage.sources", "load_source"),

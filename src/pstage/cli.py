@@ -119,6 +119,72 @@ def demo(
     run_demo(out, quick=quick)
 
 
+@app.command("tune")
+def tune_command(
+    overrides: list[str] | None = typer.Argument(
+        None, metavar="[KEY=VALUE]...", help="Config overrides with dotted keys (the base every trial starts from)."
+    ),
+    config: Path | None = typer.Option(
+        None, "--config", "-c", help="YAML config with a tune.space section (the search space)."
+    ),
+    trials: int | None = typer.Option(
+        None,
+        "--trials",
+        "-t",
+        help="The study's target of finished (complete + pruned) trials, shared by every worker; re-running continues up to it.",
+    ),
+    storage: str | None = typer.Option(
+        None,
+        "--storage",
+        help="Optuna storage: default sqlite:///<runs>/tune.db; an SQLAlchemy URL (postgresql://user@host/db) or a journal file (journal:PATH, *.log) to share a study across machines.",
+    ),
+    study: str | None = typer.Option(
+        None,
+        "--study",
+        "-s",
+        help="Study name (default: tune.study, else the config file's name); trials run as <study>-<NNN>.",
+    ),
+    data: Path | None = typer.Option(None, "--data", "-d", help="Competition folder, image-folder tree or CSV."),
+    runs: Path = typer.Option(Path("runs"), "--runs", help="Folder for the trial runs and runs/tune/<study>/ results."),
+    timeout: float | None = typer.Option(
+        None, "--timeout", help="Start no new trial after this many seconds (the running one finishes)."
+    ),
+    backend: str = typer.Option(
+        "optuna", "--backend", help="optuna (default) or ray (Ray Tune + ASHA; pip install 'pstage\\[ray]')."
+    ),
+    show: bool = typer.Option(
+        False, "--show", help="Only report the study: best trials, best config, importances, plots."
+    ),
+) -> None:
+    """Search hyper-parameters (tune.space) with Optuna; every completed trial is a normal run."""
+    from pstage.errors import PstageError
+
+    try:
+        from pstage.config import load_config
+
+        resolved = load_config(config, overrides or [])  # config errors answer before torch is imported
+        from pstage.tuning import tune as run_tune
+
+        run_tune(
+            resolved,
+            trials=trials,
+            storage=storage,
+            study=study or resolved.tune.study or (config.stem if config else None),
+            data=data,
+            runs=runs,
+            timeout=timeout,
+            backend=backend,
+            show=show,
+        )
+    except PstageError as exc:  # like @friendly, with the message escaped: it may hold [brackets]
+        from rich.markup import escape
+
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:  # tune printed the one-line summary; the running trial is marked failed
+        raise typer.Exit(130) from None
+
+
 @app.command("config")
 @friendly
 def show_config(
