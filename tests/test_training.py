@@ -9,11 +9,13 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 import pstage
 from pstage.errors import ConfigError, DataError, RunError
 from pstage.inference import load_fold_module
-from tests.conftest import FAST, LEARN
+from pstage.metrics import macro_f1
+from tests.conftest import FAST, LEARN, run_cli
 
 CHANCE = 1 / 18
 
@@ -107,15 +109,38 @@ def test_predict_any_folder_of_images(learned, learn_root, tmp_path):
     assert np.allclose(frame.filter(like="p_").sum(1), 1, atol=1e-3)
 
 
-def test_tta_changes_predictions(learned, learn_root, tmp_path):
+def test_tta_changes_predictions_and_measures_its_gain_on_oof(learned, learn_root, tmp_path):
     run, _ = learned
-    out = pstage.predict(run, learn_root, tta=True)
-    assert out.path == run / "submission_tta.csv" and len(out.frame) == 42
+    out = run_cli("predict", str(run), "--tta")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "2 views (hflip)" in out.stdout and "without TTA" in out.stdout and "with TTA" in out.stdout
+    info = json.loads((run / "run.json").read_text())
+    oof, oof_tta = pd.read_csv(run / "oof.csv"), pd.read_csv(run / "oof_tta.csv")
+    assert oof_tta[["image_id", "fold", "target"]].equals(oof[["image_id", "fold", "target"]])
+    probs, probs_tta = oof.filter(like="p_").to_numpy(), oof_tta.filter(like="p_").to_numpy()
+    assert not np.allclose(probs, probs_tta) and np.allclose(probs_tta.sum(1), 1, atol=1e-3)
+    score = macro_f1(oof_tta["target"].to_numpy(), probs_tta.argmax(1))
+    assert info["tta"]["cv"]["oof_macro_f1"] == pytest.approx(score)
+    assert f"{info['cv']['macro_f1']:.4f} without TTA, {info['tta']['cv']['macro_f1']:.4f} with TTA" in out.stdout
+    submission = pd.read_csv(run / "submission_tta.csv")
+    assert len(submission) == 42 and (run / "test_tta.csv").exists()
     person = sorted((learn_root / "train" / "images").iterdir())[0]
     plain = pstage.predict(run, person, out=tmp_path / "a.csv").frame.filter(like="p_").to_numpy()
     flipped = pstage.predict(run, person, tta=True, out=tmp_path / "b.csv").frame.filter(like="p_").to_numpy()
     assert not np.allclose(plain, flipped)
     assert np.allclose(flipped.sum(1), 1, atol=1e-3)
+
+
+def test_zoom_keeps_the_size_and_centre():
+    from pstage.inference import zoom
+
+    images = torch.zeros(2, 8, 6, 3, dtype=torch.uint8)
+    images[:, 3:5, 2:4] = 255  # a bright centre
+    for scale in (0.8, 1.0, 1.25):
+        out = zoom(images, scale)
+        assert out.shape == images.shape and out.dtype == torch.uint8
+        assert out[:, 3:5, 2:4].float().mean() > 100  # the centre stays in the centre
+    assert zoom(images, 1.5)[:, 2:6, 1:5].float().mean() > zoom(images, 1.0)[:, 2:6, 1:5].float().mean()
 
 
 def test_same_name_same_settings_is_a_no_op(learned, learn_root):

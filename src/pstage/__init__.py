@@ -5,7 +5,9 @@ The Python API mirrors the CLI; heavy imports (torch, timm, Lightning) happen on
 
     >>> import pstage
     >>> result = pstage.train("cfg.yaml", data="data/", name="r18", overrides=["train.epochs=3"])
-    >>> pstage.predict("r18", data="data/")
+    >>> pstage.predict("r18", data="data/", tta=True)
+    >>> pstage.ensemble(["r18", "effb0"], method="hill", name="ens1")
+    >>> pstage.board(["runs", "/mnt/team/runs"]).runs.head()
 """
 
 from __future__ import annotations
@@ -20,6 +22,10 @@ _API = {
     "RunResult": ("pstage.training", "RunResult"),
     "predict": ("pstage.inference", "predict"),
     "Prediction": ("pstage.inference", "Prediction"),
+    "ensemble": ("pstage.ensembling", "ensemble"),
+    "EnsembleResult": ("pstage.ensembling", "EnsembleResult"),
+    "board": ("pstage.leaderboard", "load_board"),
+    "Board": ("pstage.leaderboard", "Board"),
     "run_demo": ("pstage.demo", "run_demo"),
     "make_demo_data": ("pstage.demo_data", "make_demo_data"),
     "tune": ("pstage.tuning", "tune"),

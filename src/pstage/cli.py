@@ -17,7 +17,7 @@ from rich.console import Console
 
 app = typer.Typer(
     name="pstage",
-    help="Image-classification competitions, stage by stage: train with K-fold CV, predict, demo.",
+    help="Image-classification competitions, stage by stage: train with K-fold CV, predict, board, ensemble, demo.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -104,7 +104,69 @@ def predict(
     for problem in result.skipped:
         err.print(f"[yellow]warning:[/] {problem}")
     what = "submission" if result.kind == "submission" else "predictions"
-    print(f"{what}: {len(result.frame):,} images -> {result.path}")
+    print(f"{what}: {len(result.frame):,} images -> {result.path}" + (f" (TTA: {result.tta})" if result.tta else ""))
+    if result.cv_tta is not None:
+        gain = result.cv_tta - result.cv
+        print(
+            f"CV macro F1 {result.cv:.4f} without TTA, {result.cv_tta:.4f} with TTA ({gain:+.4f}); OOF -> oof_tta.csv"
+        )
+
+
+@app.command()
+@friendly
+def board(
+    runs: list[Path] = typer.Option(
+        [Path("runs")], "--runs", help="Run folder(s) to list; repeat for a teammate's shared folder."
+    ),
+    contains: str | None = typer.Option(
+        None, "--filter", "-f", help="Only runs whose name, model or user contains this text."
+    ),
+    sort: str = typer.Option(
+        "cv", "--sort", "-s", help="cv, mask, gender, age, tta, created, duration, name, model or user (-KEY reverses)."
+    ),
+    html: Path | None = typer.Option(None, "--html", help="Also write the board as a self-contained HTML page."),
+) -> None:
+    """List finished runs, best CV first (unfinished or broken run folders are listed as skipped)."""
+    from pstage.console import console
+    from pstage.leaderboard import board_html, board_table, load_board
+
+    found = load_board(runs, contains=contains, sort=sort)
+    console.print(board_table(found, title="board"))
+    for path, why in found.skipped:
+        console.print(f"[dim]skipped {path}: {why}[/]", soft_wrap=True)
+    if html is not None:
+        print(f"board page -> {board_html(found, html)}")
+
+
+@app.command()
+@friendly
+def ensemble(
+    members: list[str] = typer.Argument(..., metavar="RUN RUN [RUN ...]", help="Finished runs sharing one split."),
+    method: str = typer.Option(
+        "hill", "--method", "-m", help="mean (soft vote), hill (greedy forward selection), stack (logistic regression)."
+    ),
+    name: str | None = typer.Option(
+        None, "--name", "-n", help="Name of the ensemble run (default ens-<method>-<date>)."
+    ),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Also copy the ensemble's submission.csv here."),
+    calibrate: bool = typer.Option(
+        False, "--calibrate", help="Fit per-class probability weights for macro F1 on OOF (scored by nested CV)."
+    ),
+    tta: bool = typer.Option(
+        False, "--tta", help="Blend the members' TTA predictions (from pstage predict RUN --tta)."
+    ),
+    rounds: int = typer.Option(50, "--rounds", help="Hill climbing: selection steps (the best prefix is kept)."),
+    runs: Path = typer.Option(Path("runs"), "--runs", help="Folder holding run directories."),
+) -> None:
+    """Blend runs on their OOF predictions; the ensemble is written as a run (board, predict, serve)."""
+    from pstage.ensembling import ensemble as make_ensemble
+    from pstage.summary import print_ensemble
+
+    print_ensemble(
+        make_ensemble(
+            members, method=method, name=name, runs_dir=runs, out=out, calibrate=calibrate, tta=tta, rounds=rounds
+        )
+    )
 
 
 @app.command()

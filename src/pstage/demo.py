@@ -1,8 +1,9 @@
 """``pstage demo``: the whole flow on generated data in a few minutes on 2 CPU cores.
 
 Generates a dataset in the competition layout, trains two cross-validated runs with different
-models, re-creates the best run's submission from its checkpoints, and prints a leaderboard with
-CV macro F1 and the score on the hidden test truth (the "private leaderboard").
+models, re-creates the best run's submission from its checkpoints with TTA (measuring its gain on
+OOF), blends the runs by hill climbing, and prints the board with CV macro F1 and the score on the
+hidden test truth (the "private leaderboard").
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
-from rich.table import Table
 
 from pstage.console import console
 from pstage.demo_data import TRUTH_FILE, make_demo_data
@@ -74,8 +74,11 @@ def score_on_truth(run_dir: Path, truth: pd.DataFrame) -> dict[str, float]:
 
 
 def run_demo(out: str | Path = "demo", quick: bool = False) -> DemoResult:
-    """Generate data, train two runs, predict, and print the leaderboard; returns what it made."""
+    """Generate data, train two runs, predict with TTA, ensemble, and print the board; returns what it made."""
+    from pstage.ensembling import ensemble
     from pstage.inference import predict
+    from pstage.leaderboard import board_table, load_board
+    from pstage.summary import print_ensemble
     from pstage.training import train
 
     plan = QUICK if quick else FULL
@@ -93,53 +96,42 @@ def run_demo(out: str | Path = "demo", quick: bool = False) -> DemoResult:
         console.rule(f"train {name}")
         results.append(train(data=data, runs=out / "runs", name=name, overrides=[*plan.common, *overrides]))
     best = max(results, key=lambda r: r.cv["macro_f1"])
-    console.rule("predict")
-    prediction = predict(best.path, data)
+    console.rule("predict with TTA")
+    prediction = predict(best.path, data, tta=True)
     console.print(
-        f"re-created {best.name}'s submission from its fold checkpoints: {len(prediction.frame):,} rows -> {prediction.path}"
+        f"re-created {best.name}'s submission from its fold checkpoints with TTA ({prediction.tta}): "
+        f"CV macro F1 {prediction.cv:.4f} -> {prediction.cv_tta:.4f} -> {prediction.path}"
     )
+    console.rule("ensemble")
+    blended = ensemble([r.path for r in results], method="hill", name="ensemble", runs_dir=out / "runs")
+    print_ensemble(blended)
 
     truth = pd.read_csv(data / TRUTH_FILE)
-    rows = []
-    for result in results:
-        scores = score_on_truth(result.path, truth)
-        per = result.cv["per_task"]
-        rows.append(
-            {
-                "run": result.name,
-                "cv_macro_f1": result.cv["macro_f1"],
-                "cv_std": result.cv["macro_f1_std"],
-                "mask": per["mask"],
-                "gender": per["gender"],
-                "age": per["age"],
-                "test_macro_f1": scores["test"],
-                "seconds": result.duration_s,
-            }
+    names = [r.name for r in results] + [blended.name]
+    hidden = {name: score_on_truth(out / "runs" / name, truth) for name in names}
+    found = load_board(out / "runs")
+    console.print(
+        board_table(
+            found,
+            title="board (CV = out-of-fold macro F1; test = the hidden demo truth, like a private leaderboard)",
+            extra={name: {"test macro F1": f"{scores['test']:.4f}"} for name, scores in hidden.items()},
         )
-    board = pd.DataFrame(rows).sort_values("cv_macro_f1", ascending=False).reset_index(drop=True)
-    _print_board(board)
+    )
+    board = found.runs[["name", "cv", "cv_std", "mask", "gender", "age", "duration_s"]].rename(
+        columns={"name": "run", "cv": "cv_macro_f1", "duration_s": "seconds"}
+    )
+    board["test_macro_f1"] = board["run"].map(lambda name: hidden[name]["test"])
     seconds = time.time() - started
-    files = {"data": data, "runs": out / "runs", "submission": prediction.path}
+    files = {
+        "data": data,
+        "runs": out / "runs",
+        "submission": out / "runs" / blended.name / "submission.csv",
+        "submission_tta": prediction.path,
+    }
     console.print(f"chance level: macro F1 ~{1 / 18:.3f}. Demo finished in {seconds:.0f}s.")
     console.print(
-        f"files: data {data}\n       runs {out / 'runs'} (run.json, oof.csv, test.csv, submission.csv, fold_*/best.ckpt)\n       TensorBoard: tensorboard --logdir {out / 'runs'}"
+        f"files: data {data}\n       runs {out / 'runs'} (run.json, oof.csv, test.csv, submission.csv, fold_*/best.ckpt)"
+        f"\n       ensemble submission {files['submission']}\n       TensorBoard: tensorboard --logdir {out / 'runs'}"
+        f"\nnext: pstage board --runs {out / 'runs'} --html board.html"
     )
     return DemoResult(data, out / "runs", board, seconds, files)
-
-
-def _print_board(board: pd.DataFrame) -> None:
-    table = Table(title="leaderboard (CV = out-of-fold macro F1; test = hidden demo truth)", title_justify="left")
-    for column in ("#", "run", "CV macro F1", "mask", "gender", "age", "test macro F1", "time"):
-        table.add_column(column, justify="left" if column == "run" else "right")
-    for rank, row in enumerate(board.itertuples(), start=1):
-        table.add_row(
-            str(rank),
-            row.run,
-            f"{row.cv_macro_f1:.4f} ± {row.cv_std:.3f}",
-            f"{row.mask:.3f}",
-            f"{row.gender:.3f}",
-            f"{row.age:.3f}",
-            f"{row.test_macro_f1:.4f}",
-            f"{row.seconds:.0f}s",
-        )
-    console.print(table)

@@ -14,16 +14,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 
 from pstage.cache import CacheInfo, build_cache
-from pstage.config import Config, load_config
+from pstage.config import Config, TTAConfig, load_config
 from pstage.datasets import CachedImages, make_loader
 from pstage.devices import autocast_dtype, inference_device, resolve_precision
 from pstage.errors import DataError, RunError
-from pstage.metrics import prob_columns
+from pstage.metrics import cv_scores, prob_columns
 from pstage.module import ClassifierModule
-from pstage.runs import load_run_info, resolve_run, write_csv
-from pstage.sources import detect_kind, image_table, load_source
+from pstage.runs import RUN_FILE, RunLock, load_run_info, now, resolve_run, submission_frame, write_csv, write_json
+from pstage.sources import Source, detect_kind, image_table, load_source
 from pstage.tasks import Task
 
 
@@ -45,6 +46,34 @@ def load_fold_module(checkpoint: str | Path) -> ClassifierModule:
     return module.eval()
 
 
+def zoom(images: torch.Tensor, scale: float) -> torch.Tensor:
+    """A centre zoom of uint8 NHWC images by ``scale`` at the same size (>1 crops in, <1 pads the edges)."""
+    if scale == 1.0:
+        return images
+    height, width = images.shape[1:3]
+    size = (max(1, round(height * scale)), max(1, round(width * scale)))
+    x = F.interpolate(images.permute(0, 3, 1, 2).float(), size=size, mode="bilinear", antialias=scale < 1)
+    if scale > 1:
+        top, left = (size[0] - height) // 2, (size[1] - width) // 2
+        x = x[:, :, top : top + height, left : left + width]
+    else:
+        pad_h, pad_w = height - size[0], width - size[1]
+        x = F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2), mode="replicate")
+    return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+
+
+def tta_views(tta: TTAConfig | None) -> list[tuple[float, bool]]:
+    """(zoom, mirror) pairs to average over: just the image itself without TTA."""
+    if tta is None:
+        return [(1.0, False)]
+    return [(scale, flip) for scale in tta.scales for flip in ((False, True) if tta.hflip else (False,))]
+
+
+def describe_tta(tta: TTAConfig) -> str:
+    parts = (["hflip"] if tta.hflip else []) + [f"zoom {s:g}" for s in tta.scales if s != 1.0]
+    return f"{len(tta_views(tta))} views ({', '.join(parts) or 'none'})"
+
+
 def predict_probs(
     module: ClassifierModule,
     cache: str | Path,
@@ -53,22 +82,25 @@ def predict_probs(
     batch_size: int = 128,
     device: torch.device | None = None,
     precision: str = "32-true",
-    hflip: bool = False,
+    tta: TTAConfig | None = None,
 ) -> np.ndarray:
-    """Final-class probabilities (N, C) for cache rows; with ``hflip`` averaged with the mirror image."""
+    """Final-class probabilities (N, C) for cache rows; with ``tta`` averaged over its views."""
     device = device or torch.device("cpu")
     module = module.to(device).eval()
     dtype = autocast_dtype(precision)
     loader = make_loader(CachedImages(cache, np.asarray(rows)), batch_size, 0)
+    views = tta_views(tta)
     out = []
     autocast = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
     with torch.inference_mode(), autocast:
         for images, _ in loader:
             images = images.to(device, non_blocking=True)
-            probs = module(images).float()
-            if hflip:
-                probs = (probs + module(images.flip(2)).float()) / 2  # NHWC: axis 2 is the width
-            out.append(probs.cpu().numpy())
+            total = None
+            for scale, flip in views:
+                view = zoom(images, scale)
+                probs = module(view.flip(2) if flip else view).float()  # NHWC: axis 2 is the width
+                total = probs if total is None else total + probs
+            out.append((total / len(views)).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, module.task.num_classes), np.float32)
 
 
@@ -78,8 +110,10 @@ def fold_checkpoints(run_dir: Path) -> list[Path]:
     return [p for p in found if (p.parent / "metrics.json").exists()]
 
 
-def ensemble_probs(checkpoints: Sequence[Path], cache: CacheInfo, config: Config, *, tta: bool = False) -> np.ndarray:
-    """Mean probabilities of the fold models over every image of ``cache``."""
+def ensemble_probs(
+    checkpoints: Sequence[Path], cache: CacheInfo, config: Config, *, tta: bool = False, rows: np.ndarray | None = None
+) -> np.ndarray:
+    """Mean probabilities of the fold models over ``rows`` of ``cache`` (default: all of it)."""
     precision = resolve_precision(config.train.precision, config.train.accelerator)
     device = inference_device(config.train.accelerator)
     total = None
@@ -87,22 +121,14 @@ def ensemble_probs(checkpoints: Sequence[Path], cache: CacheInfo, config: Config
         probs = predict_probs(
             load_fold_module(checkpoint),
             cache.path,
-            np.arange(cache.count),
+            np.arange(cache.count) if rows is None else rows,
             batch_size=config.train.batch_size * 2,
             device=device,
             precision=precision,
-            hflip=tta and config.tta.hflip,
+            tta=config.tta if tta else None,
         )
         total = probs if total is None else total + probs
     return total / len(checkpoints)
-
-
-def submission_frame(test: pd.DataFrame, probs: np.ndarray, task: Task, test_format: str) -> pd.DataFrame:
-    """The competition's ImageID,ans (eval/info.csv order), or image_id,label for other data."""
-    preds = probs.argmax(1)
-    if test_format == "competition":
-        return pd.DataFrame({"ImageID": test["image_id"].to_numpy(), "ans": preds})
-    return pd.DataFrame({"image_id": test["image_id"].to_numpy(), "label": [task.classes[i] for i in preds]})
 
 
 def predictions_frame(images: pd.DataFrame, probs: np.ndarray, task: Task) -> pd.DataFrame:
@@ -119,12 +145,15 @@ def predictions_frame(images: pd.DataFrame, probs: np.ndarray, task: Task) -> pd
 
 @dataclass
 class Prediction:
-    """What ``predict`` wrote: the output CSV and its rows."""
+    """What ``predict`` wrote: the output CSV and its rows (and, with TTA on the run's data, both CVs)."""
 
     path: Path
     frame: pd.DataFrame
     kind: str  # "submission" or "predictions"
     skipped: list[str]
+    cv: float | None = None  # the run's CV macro F1 without TTA
+    cv_tta: float | None = None  # the same folds' CV recomputed with TTA
+    tta: str | None = None  # which views were averaged
 
 
 def predict(
@@ -138,10 +167,17 @@ def predict(
     """Predict with a finished run's fold models.
 
     On competition data (the run's own by default) this re-creates ``submission.csv``; on any
-    other folder or CSV of images it writes a CSV of classes and probabilities per image.
+    other folder or CSV of images it writes a CSV of classes and probabilities per image. With
+    ``tta`` on the run's own data the OOF predictions are recomputed with TTA too, so its gain is
+    measured: both CVs are returned and recorded in run.json (``tta``).
     """
     run_dir = resolve_run(run, runs)
     info = load_run_info(run_dir)
+    if info.get("kind") == "ensemble":
+        raise RunError(
+            f"{run_dir.name} is an ensemble: its submission.csv comes from its members' predictions; "
+            "for TTA run pstage predict MEMBER --tta for each member, then pstage ensemble ... --tta"
+        )
     checkpoints = fold_checkpoints(run_dir)
     if info.get("status") != "done" or not checkpoints:
         raise RunError(
@@ -159,6 +195,8 @@ def predict(
         source = load_source(d.model_copy(update={"path": str(data_path), "source": "competition"}))
         if source.test is None:
             raise DataError(f"{data_path}: no test images (eval/info.csv) to predict")
+        if tta and config.data.path and data_path == Path(config.data.path).resolve():
+            return _predict_with_tta(run_dir, config, source, checkpoints, task, out)
         images, kind, test_format = source.test, "submission", source.test_format
     else:
         images, kind, test_format = image_table(data_path), "predictions", "generic"
@@ -185,4 +223,65 @@ def predict(
     target = Path(out) if out else default
     target.parent.mkdir(parents=True, exist_ok=True)
     write_csv(target, frame, float_format="%.6g")
-    return Prediction(target, frame, kind, [f"{p}: {r} (predicted from a blank image)" for p, r in cache.bad.items()])
+    skipped = [f"{p}: {r} (predicted from a blank image)" for p, r in cache.bad.items()]
+    return Prediction(target, frame, kind, skipped, tta=describe_tta(config.tta) if tta else None)
+
+
+def _predict_with_tta(
+    run_dir: Path, config: Config, source: Source, checkpoints: list[Path], task: Task, out: str | Path | None
+) -> Prediction:
+    """TTA on the test images and on every OOF image (each by its own fold's model), with both CVs.
+
+    Writes oof_tta.csv, test_tta.csv and submission_tta.csv, and records the CVs in run.json.
+    """
+    from pstage.training import prepare_caches  # training imports this module
+
+    train_cache, test_cache = prepare_caches(source, config, verbose=False)
+    oof = pd.read_csv(run_dir / "oof.csv", dtype={"image_id": str})
+    cache_rows = source.train.set_index("image_id")["cache_row"]
+    missing = ~oof["image_id"].isin(cache_rows.index)
+    if missing.any():
+        raise RunError(
+            f"{run_dir.name}: image {oof['image_id'][missing].iloc[0]} of its OOF is not in {config.data.path} any more; "
+            "TTA on OOF needs the data the run was trained on"
+        )
+    cols = prob_columns(task.num_classes)
+    oof_tta = oof.copy()
+    precision = resolve_precision(config.train.precision, config.train.accelerator)
+    device = inference_device(config.train.accelerator)
+    for checkpoint in checkpoints:
+        fold = int(checkpoint.parent.name.split("_")[1])
+        rows = (oof["fold"] == fold).to_numpy()
+        oof_tta.loc[rows, cols] = predict_probs(
+            load_fold_module(checkpoint),
+            train_cache.path,
+            cache_rows.loc[oof.loc[rows, "image_id"]].to_numpy(),
+            batch_size=config.train.batch_size * 2,
+            device=device,
+            precision=precision,
+            tta=config.tta,
+        )
+    probs = ensemble_probs(checkpoints, test_cache, config, tta=True)
+    test = pd.concat(
+        [pd.DataFrame({"image_id": source.test["image_id"].to_numpy()}), pd.DataFrame(probs, columns=cols)], axis=1
+    )
+    frame = submission_frame(source.test, probs, task, source.test_format)
+    before, after = cv_scores(oof, task), cv_scores(oof_tta, task)
+    target = Path(out) if out else run_dir / "submission_tta.csv"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with RunLock(run_dir):
+        write_csv(run_dir / "oof_tta.csv", oof_tta, float_format="%.6g")
+        write_csv(run_dir / "test_tta.csv", test, float_format="%.6g")
+        write_csv(target, frame)
+        info = load_run_info(run_dir)
+        info["tta"] = {
+            "config": config.tta.model_dump(mode="json"),
+            "views": describe_tta(config.tta),
+            "cv": after,
+            "created": now(),
+        }
+        write_json(run_dir / RUN_FILE, info)
+    skipped = [s for s in source.skipped if "blank image" in s]
+    return Prediction(
+        target, frame, "submission", skipped, before["macro_f1"], after["macro_f1"], describe_tta(config.tta)
+    )

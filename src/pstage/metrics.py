@@ -16,6 +16,28 @@ def macro_f1(targets: np.ndarray, preds: np.ndarray) -> float:
     return float(f1_score(targets, preds, average="macro", zero_division=0))
 
 
+def fast_macro_f1(targets: np.ndarray, preds: np.ndarray, num_classes: int) -> float:
+    """``macro_f1`` from one bincount: the same number as scikit-learn's, ~100x faster per call.
+
+    Hand-written because ensemble search (hill climbing, calibration, their nested CV) scores
+    tens of thousands of candidates and f1_score's input validation dominates at that rate.
+    """
+    cm = np.bincount(targets * num_classes + preds, minlength=num_classes * num_classes).reshape(num_classes, -1)
+    tp = np.diag(cm).astype(np.float64)
+    denom = cm.sum(0) + cm.sum(1)  # 2tp + fp + fn
+    present = denom > 0  # sklearn averages over the labels seen in either array
+    return float((2 * tp[present] / denom[present]).mean()) if present.any() else 0.0
+
+
+def fold_macro_f1(targets: np.ndarray, probs: np.ndarray, folds: np.ndarray) -> float:
+    """The CV metric of run.json (mean over folds of macro F1) for probabilities; fast, for searches."""
+    preds = probs.argmax(1)
+    num_classes = probs.shape[1]
+    return float(
+        np.mean([fast_macro_f1(targets[folds == k], preds[folds == k], num_classes) for k in np.unique(folds)])
+    )
+
+
 def prob_columns(num_classes: int) -> list[str]:
     return [f"p_{i}" for i in range(num_classes)]
 

@@ -17,9 +17,11 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from pstage.errors import RunError
+from pstage.tasks import Task
 
 RUN_FILE = "run.json"
 
@@ -49,6 +51,14 @@ def write_csv(path: str | Path, frame: pd.DataFrame, float_format: str | None = 
     tmp = _tmp(path)
     frame.to_csv(tmp, index=False, float_format=float_format)
     os.replace(tmp, path)
+
+
+def submission_frame(test: pd.DataFrame, probs: np.ndarray, task: Task, test_format: str) -> pd.DataFrame:
+    """The competition's ImageID,ans (eval/info.csv order), or image_id,label for other data."""
+    preds = probs.argmax(1)
+    if test_format == "competition":
+        return pd.DataFrame({"ImageID": test["image_id"].to_numpy(), "ans": preds})
+    return pd.DataFrame({"image_id": test["image_id"].to_numpy(), "label": [task.classes[i] for i in preds]})
 
 
 def read_json(path: str | Path) -> dict[str, Any]:

@@ -1,14 +1,17 @@
-"""Console summaries of runs: one run's CV (per fold, per task) and a leaderboard of several."""
+"""Console summaries: one run's CV (per fold, per task) and an ensemble against its members."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.table import Table
 
 from pstage.console import console
 from pstage.runs import load_run_info
+
+if TYPE_CHECKING:
+    from pstage.ensembling import EnsembleResult
 
 
 def print_run(run_dir: str | Path) -> None:
@@ -49,39 +52,35 @@ def print_run(run_dir: str | Path) -> None:
     console.print(f"files: {run_dir}/{{{','.join(files)}}}  (TensorBoard: tensorboard --logdir {run_dir / 'logs'})")
 
 
-def leaderboard(run_dirs: Sequence[str | Path], title: str = "leaderboard") -> Table:
-    """A table of runs, best CV first."""
-    rows = []
-    for run_dir in run_dirs:
-        info = load_run_info(run_dir)
-        if info.get("status") == "done":
-            rows.append(info)
-    rows.sort(key=lambda i: -i["cv"]["macro_f1"])
-    table = Table(title=title, title_justify="left")
-    for column, justify in [
-        ("#", "right"),
-        ("run", "left"),
-        ("model", "left"),
-        ("size", "left"),
-        ("epochs", "right"),
-        ("CV macro F1", "right"),
-        ("mask", "right"),
-        ("gender", "right"),
-        ("age", "right"),
-        ("time", "right"),
-    ]:
-        table.add_column(column, justify=justify)
-    for rank, info in enumerate(rows, start=1):
-        cv, per = info["cv"], info["cv"].get("per_task", {})
-        size = "x".join(map(str, info.get("image_size", [])))
-        table.add_row(
-            str(rank),
-            info["name"],
-            info.get("model", "?"),
-            size,
-            str(info.get("epochs", "")),
-            f"{cv['macro_f1']:.4f} ± {cv['macro_f1_std']:.3f}",
-            *(f"{per[h]:.3f}" if h in per else "-" for h in ("mask", "gender", "age")),
-            f"{info.get('duration_s', 0):.0f}s",
+def print_ensemble(result: EnsembleResult) -> None:
+    """Members with their CV and weight, then the ensemble's CV against the best member's."""
+    table = Table(title=f"{result.name}: {result.method} of {len(result.members_cv)} runs", title_justify="left")
+    table.add_column("member")
+    table.add_column("CV macro F1", justify="right")
+    table.add_column("weight", justify="right")
+    for name, cv in sorted(result.members_cv.items(), key=lambda item: -item[1]):
+        table.add_row(name, f"{cv:.4f}", f"{result.weights[name]:.3f}")
+    console.print(table)
+    best_name, best_cv = result.best_member
+    cv = result.cv
+    console.print(
+        f"[bold]ensemble CV macro F1 {cv['macro_f1']:.4f}[/] ± {cv['macro_f1_std']:.4f} "
+        f"(best member {best_name} {best_cv:.4f}, {cv['macro_f1'] - best_cv:+.4f})"
+    )
+    if result.method == "hill":
+        console.print(
+            f"  nested CV {result.nested_cv:.4f} (weights chosen without the scored fold: the honest estimate)"
         )
-    return table
+    elif result.method == "stack":
+        console.print("  the stacker's OOF comes from nested CV (fitted without the scored fold), so its CV is honest")
+    if result.calibration:
+        c = result.calibration
+        console.print(
+            f"  per-class calibration: CV {c['cv_before']:.4f} -> {c['cv_nested']:.4f} (nested: weights fitted without the scored fold)"
+        )
+    if cv.get("per_task"):
+        console.print("  per task macro F1: " + ", ".join(f"{h} {v:.4f}" for h, v in cv["per_task"].items()))
+    files = [
+        f for f in ("submission.csv", "oof.csv", "test.csv", "weights.csv", "run.json") if (result.path / f).exists()
+    ]
+    console.print(f"files: {result.path}/{{{','.join(files)}}}")

@@ -38,11 +38,21 @@ from pstage.console import console, quiet_lightning
 from pstage.datasets import FoldData, resolve_workers
 from pstage.devices import inference_device, is_rank_zero, resolve_precision
 from pstage.errors import ConfigError, DataError, RunError
-from pstage.inference import load_fold_module, predict_probs, submission_frame
+from pstage.inference import load_fold_module, predict_probs
 from pstage.losses import balanced_weights
 from pstage.metrics import cv_scores, macro_f1, prob_columns
 from pstage.models import check_model_name, head_task
-from pstage.runs import RUN_FILE, RunLock, load_run_info, now, provenance, read_json, write_csv, write_json
+from pstage.runs import (
+    RUN_FILE,
+    RunLock,
+    load_run_info,
+    now,
+    provenance,
+    read_json,
+    submission_frame,
+    write_csv,
+    write_json,
+)
 from pstage.sources import Source, load_source
 from pstage.split import check_folds, make_folds
 
@@ -624,6 +634,8 @@ def _write_outputs(run_dir: Path, source: Source, test_cache: CacheInfo | None) 
         .reset_index(drop=True)
     )
     write_csv(run_dir / "oof.csv", oof, float_format="%.6g")
+    for stale in ("oof_tta.csv", "test_tta.csv", "submission_tta.csv"):  # from the folds before a re-run
+        (run_dir / stale).unlink(missing_ok=True)
     if source.test is not None and test_cache is not None:
         probs = np.mean([np.load(d / "test.npy") for d in fold_dirs], axis=0)
         test = pd.concat(
