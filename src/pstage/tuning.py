@@ -607,14 +607,16 @@ def _tune_optuna(
     check_base(study, base)
     finished = (TrialState.COMPLETE, TrialState.PRUNED)
     done = len(study.get_trials(deepcopy=False, states=finished))
+    running = _live_running(study, heartbeat=not _is_journal(url))
     objective = Objective(base, name, runs)
     interrupted = False
+    others = f" (+{running} running elsewhere)" if running else ""
     console.print(
-        f"[bold]study {name}[/] ({masked(url)}): {done}/{trials} trials finished; metric {base.tune.metric}, "
+        f"[bold]study {name}[/] ({masked(url)}): {done}/{trials} trials finished{others}; metric {base.tune.metric}, "
         f"sampler {base.tune.sampler}, pruner {base.tune.pruner}"
     )
-    if done >= trials:
-        console.print(f"  nothing to run: the study has {done} finished trials (raise --trials to continue it)")
+    if done + running >= trials:
+        console.print(f"  nothing to run: the study has {done} finished trials{others} (raise --trials to continue it)")
     else:
         # A worker stops once finished + running trials (its own and others') reach N; counting the
         # others' running trials is what lets N machines finish N trials between them.
@@ -643,6 +645,21 @@ def _tune_optuna(
         )
         raise KeyboardInterrupt
     return show_study(name, url, runs, study=study)
+
+
+def _live_running(study: optuna.Study, heartbeat: bool) -> int:
+    """Trials other workers are running now; 0 where dead workers' trials cannot be told apart.
+
+    With a heartbeat (SQL storages) trials of dead workers are failed first, so the rest are live.
+    A journal file keeps no heartbeat: its running trials are not trusted at start-up (a crashed
+    worker's trial would block the study forever), at worst one trial more than --trials is run.
+    """
+    if not heartbeat:
+        return 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        optuna.storages.fail_stale_trials(study)
+    return len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
 
 
 def _counts(study: optuna.Study) -> dict[str, int]:
