@@ -261,6 +261,92 @@ def show_config(
     print(annotated_yaml(load_config(config, overrides or [])), end="")
 
 
+@app.command("export")
+@friendly
+def export_command(
+    run: str = typer.Argument(..., help="Run or ensemble directory, or a name under --runs."),
+    format: str = typer.Option("onnx", "--format", "-f", help="Export format (onnx)."),
+    int8: bool = typer.Option(
+        False,
+        "--int8",
+        help="Also write model.int8.onnx (static int8, calibrated on training images) and score it on OOF.",
+    ),
+    data: Path | None = typer.Option(
+        None, "--data", "-d", help="The training data (default: the run's data.path); needed by --int8 and --score."
+    ),
+    score: bool = typer.Option(
+        False, "--score", help="Score the fp32 graph on the run's OOF images too (without --int8)."
+    ),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Export folder (default: <run>/export)."),
+    runs: Path = typer.Option(Path("runs"), "--runs", help="Folder holding run directories."),
+) -> None:
+    """Export a run (all fold models) or an ensemble (with its weights) to one ONNX graph + preprocess.json."""
+    from pstage.runs import resolve_run
+
+    run_dir = resolve_run(run, runs)  # a wrong name answers before torch is imported
+    from pstage.export import export
+
+    result = export(run_dir, runs=runs, format=format, int8=int8, data=data, out=out, score=score or None)
+    size = result.sizes.get("model.onnx", 0) / 2**20
+    print(f"{result.path} ({size:.1f} MiB; max |ONNX - PyTorch| = {result.parity_max_abs_diff:.1e})")
+    print(f"{result.preprocess}")
+    if result.int8_path is not None:
+        print(f"{result.int8_path} ({result.sizes.get('model.int8.onnx', 0) / 2**20:.1f} MiB)")
+    if "onnx_fp32" in result.oof:
+        line = f"OOF macro F1: run CV {result.oof['run_cv']:.4f}, ONNX fp32 {result.oof['onnx_fp32']:.4f}"
+        if result.int8_change is not None:
+            line += f", int8 {result.oof['onnx_int8']:.4f} ({result.int8_change:+.4f})"
+        print(line)
+
+
+@app.command("serve")
+@friendly
+def serve_command(
+    run: str = typer.Argument(..., help="Run or ensemble directory, or a name under --runs."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (0.0.0.0 exposes it to the network)."),
+    port: int = typer.Option(8000, "--port", "-p", help="TCP port."),
+    api_key: str | None = typer.Option(
+        None, "--api-key", envvar="PSTAGE_API_KEY", help="Require this key (X-API-Key header); or set PSTAGE_API_KEY."
+    ),
+    backend: str = typer.Option(
+        "auto", "--backend", help="auto (ONNX if exported, else PyTorch), onnx, int8 or pytorch."
+    ),
+    max_body_mb: float = typer.Option(50.0, "--max-body-mb", help="Largest request body (MiB)."),
+    max_file_mb: float = typer.Option(20.0, "--max-file-mb", help="Largest image file (MiB)."),
+    max_pixels: int = typer.Option(40_000_000, "--max-pixels", help="Largest image (width x height, from its header)."),
+    max_images: int = typer.Option(64, "--max-images", help="Most images per request."),
+    max_batch: int = typer.Option(32, "--max-batch", help="Most images the model runs at once across requests."),
+    runs: Path = typer.Option(Path("runs"), "--runs", help="Folder holding run directories."),
+) -> None:
+    """Serve a run over HTTP: POST /predict, GET /health, GET /model, docs at /docs."""
+    from pstage.runs import resolve_run
+
+    resolve_run(run, runs)
+    from pstage.export import require
+
+    require("fastapi", "uvicorn", "multipart", "onnxruntime")
+    from pstage.serve import Limits, serve
+
+    limits = Limits(int(max_body_mb * 2**20), int(max_file_mb * 2**20), max_pixels, max_images)
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        err.print(f"[yellow]warning:[/] serving on {host} without --api-key: anyone who can reach it can use it")
+
+    def ready(served: Any) -> None:
+        print(f"serving {served.run} ({served.backend}) on http://{host}:{port} (docs: /docs)", flush=True)
+
+    serve(
+        run,
+        runs=runs,
+        host=host,
+        port=port,
+        api_key=api_key,
+        backend=backend,
+        limits=limits,
+        max_batch=max_batch,
+        on_ready=ready,
+    )
+
+
 @app.command()
 def version() -> None:
     """Print pstage's version."""
