@@ -347,6 +347,36 @@ def serve_command(
     )
 
 
+@app.command("distill")
+@friendly
+def distill_command(
+    teacher: str = typer.Argument(..., help="Teacher run or ensemble (its OOF probabilities are the soft labels)."),
+    overrides: list[str] | None = typer.Argument(
+        None, metavar="[KEY=VALUE]...", help="Student config overrides, e.g. model.name=resnet18 train.epochs=10."
+    ),
+    name: str | None = typer.Option(None, "--name", "-n", help="Student run name (default: <teacher>-student)."),
+    data: Path | None = typer.Option(None, "--data", "-d", help="Training data (default: the teacher's data.path)."),
+    temperature: float | None = typer.Option(None, "--temperature", "-T", help="KD temperature (distill.temperature)."),
+    alpha: float | None = typer.Option(None, "--alpha", help="Weight of the KD term vs hard labels (distill.alpha)."),
+    runs: Path = typer.Option(Path("runs"), "--runs", help="Folder holding run directories."),
+) -> None:
+    """Train one student run on a teacher's (ensemble's) OOF soft labels, on the teacher's exact split."""
+    from pstage.runs import resolve_run
+
+    resolve_run(teacher, runs)
+    from pstage.distill import distill
+
+    result = distill(
+        teacher, name=name, data=data, runs=runs, overrides=overrides or [], temperature=temperature, alpha=alpha
+    )
+    _print_result(result.student)
+    print(
+        f"teacher {result.teacher} CV {result.teacher_cv:.4f} -> student {result.student.name} CV {result.student_cv:.4f} "
+        f"({result.student_cv - result.teacher_cv:+.4f}); speed {result.teacher_ips:,.0f} -> {result.student_ips:,.0f} img/s "
+        f"({result.student_ips / max(result.teacher_ips, 1e-9):.1f}x)"
+    )
+
+
 @app.command()
 def version() -> None:
     """Print pstage's version."""

@@ -376,6 +376,24 @@ class TuneConfig(Section):
         return value
 
 
+class DistillConfig(Section):
+    teacher: str | None = Field(
+        None,
+        description="Teacher run folder (set by pstage distill): its OOF probabilities become soft labels and its folds.csv the split; null trains normally.",
+    )
+    temperature: float = Field(
+        2.0,
+        gt=0.0,
+        description="KD temperature: teacher and student probabilities are softened by 1/T before their KL divergence (the KL term is scaled by T^2).",
+    )
+    alpha: float = Field(
+        0.7,
+        ge=0.0,
+        le=1.0,
+        description="Weight of the KD term; 1 - alpha weights the usual loss on the hard labels. Validation always scores hard labels.",
+    )
+
+
 class Config(Section):
     """The whole, resolved configuration of one run."""
 
@@ -390,6 +408,7 @@ class Config(Section):
     tta: TTAConfig = Field(default_factory=TTAConfig)
     log: LogConfig = Field(default_factory=LogConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
 
     @model_validator(mode="after")
     def _folds_in_range(self) -> Config:

@@ -22,13 +22,24 @@ from pstage.config import Config  # noqa: E402
 
 
 class CachedImages(Dataset):
-    """Rows ``rows`` of a cache memmap as (uint8 HWC image, target) pairs, optionally augmented."""
+    """Rows ``rows`` of a cache memmap as (uint8 HWC image, target) pairs, optionally augmented.
 
-    def __init__(self, cache: str | Path, rows: np.ndarray, targets: np.ndarray | None = None, transform: Any = None):
+    With ``soft`` (N, C) teacher probabilities (distillation) each item also carries its row of them.
+    """
+
+    def __init__(
+        self,
+        cache: str | Path,
+        rows: np.ndarray,
+        targets: np.ndarray | None = None,
+        transform: Any = None,
+        soft: np.ndarray | None = None,
+    ):
         self.cache = str(cache)
         self.rows = np.asarray(rows, dtype=np.int64)
         self.targets = np.asarray(targets if targets is not None else np.full(len(self.rows), -1), dtype=np.int64)
         self.transform = transform
+        self.soft = None if soft is None else np.asarray(soft, dtype=np.float32)
         self._images: np.ndarray | None = None  # opened lazily, once per worker process
 
     def __len__(self) -> int:
@@ -43,16 +54,21 @@ class CachedImages(Dataset):
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_images": None}  # workers re-open the memmap instead of pickling pixels
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        images, targets = self.__getitems__([index])
-        return images[0], targets[0]
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
+        return tuple(part[0] for part in self.__getitems__([index]))
 
-    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, ...]:
         """A whole batch with one memmap read (the DataLoader calls this instead of per-item gets)."""
         idx = np.asarray(indices)
         batch = self.images[self.rows[idx]]
         if self.transform is not None:
             batch = np.stack([self.transform(image=image)["image"] for image in batch])
+        if self.soft is not None:
+            return (
+                torch.from_numpy(np.ascontiguousarray(batch)),
+                torch.from_numpy(self.targets[idx]),
+                torch.from_numpy(self.soft[idx]),
+            )
         return torch.from_numpy(np.ascontiguousarray(batch)), torch.from_numpy(self.targets[idx])
 
 
@@ -115,9 +131,10 @@ class FoldData(L.LightningDataModule):
         val_targets: np.ndarray,
         config: Config,
         transform: Any,
+        train_soft: np.ndarray | None = None,
     ):
         super().__init__()
-        self.train_set = CachedImages(cache, train_rows, train_targets, transform)
+        self.train_set = CachedImages(cache, train_rows, train_targets, transform, train_soft)
         self.val_set = CachedImages(cache, val_rows, val_targets)
         self.config = config
         self.workers = resolve_workers(config.train.num_workers, transform is not None)

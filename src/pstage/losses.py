@@ -67,6 +67,19 @@ def compute_loss(
     return cross_entropy(logits, targets, weight, label_smoothing)
 
 
+def distillation(log_student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Knowledge distillation (Hinton et al.): T^2 * KL(teacher_T || student_T), mean over images.
+
+    ``log_student``: the student's log-probabilities over the final classes computed from logits / T;
+    ``teacher``: the teacher's probabilities, softened to teacher^(1/T) renormalised. The T^2
+    keeps the gradient's scale independent of T.
+    """
+    log_teacher = teacher.float().clamp_min(1e-8).log() / temperature
+    log_teacher = log_teacher - log_teacher.logsumexp(-1, keepdim=True)
+    kl = (log_teacher.exp() * (log_teacher - log_student)).sum(-1).mean()
+    return kl * temperature**2
+
+
 def balanced_weights(targets: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Inverse-frequency class weights normalised to mean 1 (absent classes get weight 1)."""
     counts = torch.bincount(targets, minlength=num_classes).float()

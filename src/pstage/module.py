@@ -20,7 +20,7 @@ from torchmetrics.classification import MulticlassF1Score
 
 from pstage.augment import mix_batch
 from pstage.config import Config
-from pstage.losses import compute_loss
+from pstage.losses import compute_loss, distillation
 from pstage.models import class_probs, create_classifier, head_task
 from pstage.tasks import Task
 
@@ -79,10 +79,14 @@ class ClassifierModule(L.LightningModule):
         # a fresh, reproducible mixing stream per epoch and rank (also right after a resume)
         self._rng = np.random.default_rng([self.config.seed, self.current_epoch, self.global_rank])
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        images, targets = batch
+    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
+        images, targets, *teacher = batch  # a third item: the teacher's soft labels (pstage distill)
         soft = F.one_hot(targets, self.task.num_classes).float()
+        if teacher:
+            soft = torch.cat([soft, teacher[0].float()], 1)  # mixed by CutMix/MixUp like the hard labels
         x, soft = mix_batch(self._inputs(images), soft, self.config.augment, self._rng)
+        if teacher:
+            soft, teacher_probs = soft[:, : self.task.num_classes], soft[:, self.task.num_classes :]
         logits = self.model(x)
         loss_cfg = self.config.loss
         loss = sum(
@@ -96,10 +100,22 @@ class ClassifierModule(L.LightningModule):
             )
             for h in logits
         )
+        if teacher:
+            kd = self.config.distill
+            kd_loss = distillation(self._log_probs(logits, kd.temperature), teacher_probs, kd.temperature)
+            loss = kd.alpha * kd_loss + (1 - kd.alpha) * loss
         self.log(
             "train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(images), sync_dist=True
         )
         return loss
+
+    def _log_probs(self, logits: dict[str, torch.Tensor], temperature: float) -> torch.Tensor:
+        """Log-probabilities over the final classes at a temperature (a sum over heads for multi-head models)."""
+        out = None
+        for head, head_logits in logits.items():
+            part = (head_logits.float() / temperature).log_softmax(-1) @ getattr(self, f"map_{head}").T
+            out = part if out is None else out + part
+        return out
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         images, targets = batch

@@ -336,7 +336,12 @@ def prepare_caches(source: Source, cfg: Config, verbose: bool = True) -> tuple[C
 
 
 def _folds(source: Source, cfg: Config, run_dir: Path, rank0: bool) -> pd.DataFrame:
-    folds = make_folds(source, cfg.split.folds, cfg.split.seed)
+    if cfg.distill.teacher:  # a student trains on its teacher's exact split
+        from pstage.distill import teacher_folds
+
+        folds = teacher_folds(source, cfg)
+    else:
+        folds = make_folds(source, cfg.split.folds, cfg.split.seed)
     saved = run_dir / "folds.csv"
     if saved.exists():
         check_folds(pd.read_csv(saved, dtype={"image_id": str, "group": str}), folds, str(saved))
@@ -468,6 +473,12 @@ def _class_weights(cfg: Config, source: Source, targets: np.ndarray) -> dict[str
     return out
 
 
+def _teacher_labels(cfg: Config, rows: pd.DataFrame) -> np.ndarray:
+    from pstage.distill import teacher_probs
+
+    return teacher_probs(cfg, rows["image_id"])
+
+
 def _progress_mode(cfg: Config) -> str:
     mode = cfg.train.progress
     if mode == "auto":
@@ -508,6 +519,7 @@ def fit_fold(
         val_rows["target"].to_numpy(),
         cfg,
         transform,
+        _teacher_labels(cfg, train_rows) if cfg.distill.teacher else None,
     )
     best = ModelCheckpoint(
         dirpath=fold_dir,
