@@ -144,14 +144,13 @@ def board_rows(board: Board, extra: dict[str, dict[str, str]] | None = None) -> 
     """Column titles and text cells shared by the console table and the HTML page."""
     extra = extra or {}
     extra_columns = sorted({c for cells in extra.values() for c in cells})
-    several_users = board.runs["user"].nunique() > 1
-    titles = ["#", "run", *(["user"] if several_users else []), "model", "size", "epochs", "CV macro F1"]
+    titles = ["#", "run", "user", "model", "size", "epochs", "CV macro F1"]
     titles += ["mask", "gender", "age"]
     has_tta = board.runs["cv_tta"].notna().any()
     titles += (["CV with TTA"] if has_tta else []) + extra_columns + ["created", "time"]
     cells = []
     for rank, row in enumerate(board.runs.itertuples(), start=1):
-        line = [str(rank), row.name, *([row.user] if several_users else []), row.model, row.size]
+        line = [str(rank), row.name, row.user, row.model, row.size]
         line += ["-" if row.epochs is None or pd.isna(row.epochs) else str(int(row.epochs))]
         line += [f"{row.cv:.4f} ± {row.cv_std:.3f}", _f(row.mask), _f(row.gender), _f(row.age)]
         line += [_f(row.cv_tta, 4)] if has_tta else []
