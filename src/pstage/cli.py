@@ -171,6 +171,67 @@ def ensemble(
 
 @app.command()
 @friendly
+def eda(
+    data: Path = typer.Option(..., "--data", "-d", help="Competition folder, image-folder tree or CSV."),
+    out: Path = typer.Option(Path("eda.html"), "--out", "-o", help="Where to write the page."),
+    config: Path | None = typer.Option(None, "--config", "-c", help="YAML config (age thresholds, face margin)."),
+) -> None:
+    """Write an HTML page of the data: counts, ages, sizes, samples, near-duplicates, face crops."""
+    from pstage.config import load_config
+
+    load_config(config, [])  # config errors answer before the heavy imports
+    from pstage.eda import eda as run_eda
+
+    result = run_eda(data, out, config=config)
+    for problem in result.problems[:3]:
+        err.print(f"[yellow]data problem:[/] {problem}", soft_wrap=True)
+    rate = "" if result.face_hit_rate is None else f", face found in {result.face_hit_rate:.0%} of sampled photos"
+    print(
+        f"EDA of {result.images:,} images / {result.persons:,} persons ({len(result.problems)} problem(s), "
+        f"{len(result.duplicates)} near-duplicate pair(s) across persons{rate}) in {result.seconds:.1f}s -> {result.path}"
+    )
+
+
+@app.command()
+@friendly
+def report(
+    run: str = typer.Argument(..., help="Run directory or run name under --runs."),
+    audit: bool = typer.Option(
+        False, "--audit", help="Add the label-issue audit (cleanlab, person-aware) and write audit/*.csv."
+    ),
+    relabel: Path | None = typer.Option(
+        None,
+        "--relabel",
+        help="A corrections CSV (e.g. an edited audit/corrections.csv) -> a label override file for data.relabel.",
+    ),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Where to write the page (default RUN/report.html)."),
+    runs: Path = typer.Option(Path("runs"), "--runs", help="Folder holding run directories."),
+) -> None:
+    """Write RUN/report.html: CV per fold, curves, confusion matrices, per-class F1, mistakes with Grad-CAM."""
+    from pstage.runs import Run, resolve_run
+
+    run_dir = resolve_run(run, runs)
+    if relabel is not None:
+        from pstage.audit import relabel as make_overrides
+        from pstage.tasks import Task
+
+        loaded = Run(run_dir)
+        path, count = make_overrides(loaded, relabel, Task.from_dict(loaded.info["task"]))
+        print(f"{count} correction(s) checked -> {path}")
+        print(
+            f"train with them: pstage train --config {run_dir / 'config.yaml'} --name {loaded.name}-relabel data.relabel={path}"
+        )
+        return
+    from pstage.report import report as run_report
+
+    result = run_report(run_dir, runs=runs, audit=audit, out=out)
+    if result.audit is not None:
+        print(f"audit: {len(result.audit.suspects)} suspect image(s), files in {result.audit.folder}")
+    print(f"report in {result.seconds:.1f}s -> {result.path}")
+
+
+@app.command()
+@friendly
 def demo(
     out: Path = typer.Option(Path("demo"), "--out", "-o", help="Folder for the demo data and runs."),
     quick: bool = typer.Option(False, "--quick", help="A much smaller, faster demo (for tests and smoke checks)."),

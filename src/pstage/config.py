@@ -78,6 +78,10 @@ class DataConfig(Section):
     cache_dir: str | None = Field(
         None, description="Decoded-image cache; default $XDG_CACHE_HOME/pstage (~/.cache/pstage)."
     )
+    relabel: str | None = Field(
+        None,
+        description="Label override CSV (person,image_id,gender,age,mask,label; pstage report RUN --relabel FILE writes one): corrections applied on reading, the data is never edited.",
+    )
 
     @field_validator("image_size")
     @classmethod

@@ -75,9 +75,11 @@ def score_on_truth(run_dir: Path, truth: pd.DataFrame) -> dict[str, float]:
 
 def run_demo(out: str | Path = "demo", quick: bool = False) -> DemoResult:
     """Generate data, train two runs, predict with TTA, ensemble, and print the board; returns what it made."""
+    from pstage.eda import eda
     from pstage.ensembling import ensemble
     from pstage.inference import predict
     from pstage.leaderboard import board_table, load_board
+    from pstage.report import report
     from pstage.summary import print_ensemble
     from pstage.training import train
 
@@ -121,8 +123,17 @@ def run_demo(out: str | Path = "demo", quick: bool = False) -> DemoResult:
         columns={"name": "run", "cv": "cv_macro_f1", "duration_s": "seconds"}
     )
     board["test_macro_f1"] = board["run"].map(lambda name: hidden[name]["test"])
+    console.rule("pages")
+    eda_page = eda(data, out / "eda.html")
+    report_page = report(best.path)
+    console.print(f"EDA of the data in {eda_page.seconds:.0f}s -> {eda_page.path}")
+    console.print(
+        f"report of {best.name} (curves, confusion, mistakes with Grad-CAM) in {report_page.seconds:.0f}s -> {report_page.path}"
+    )
     seconds = time.time() - started
     files = {
+        "eda": eda_page.path,
+        "report": report_page.path,
         "data": data,
         "runs": out / "runs",
         "submission": out / "runs" / blended.name / "submission.csv",

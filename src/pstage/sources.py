@@ -127,6 +127,8 @@ def read_competition(root: Path, cfg: DataConfig) -> Source:
     if not rows:
         raise DataError(f"{images}: no training images found")
     train = pd.DataFrame(rows, columns=["image_id", "path", "group", "mask", "gender", "age"])
+    if cfg.relabel:
+        train = apply_relabel(train, cfg.relabel, "competition")
     train["age_bucket"] = age_bucket(train["age"].to_numpy(), cfg.age_thresholds)
     train["target"] = mask_label(train["mask"], train["gender"], train["age_bucket"])
     test = _read_eval(root / "eval")
@@ -194,12 +196,35 @@ def _class_order(labels: pd.Series) -> list[str]:
 
 
 def _labelled(frame: pd.DataFrame, root: Path, kind: str, cfg: DataConfig, test: pd.DataFrame | None) -> Source:
+    if cfg.relabel:
+        frame = apply_relabel(frame, cfg.relabel, kind)
     classes = _class_order(frame["label"])
     if len(classes) < 2:
         raise DataError(f"{root}: found {len(classes)} class(es); a classifier needs at least 2")
     index = {c: i for i, c in enumerate(classes)}
     frame = frame.assign(target=frame["label"].map(index).astype(int))
     return Source(kind, root, label_task(classes), frame.reset_index(drop=True), test)
+
+
+def apply_relabel(train: pd.DataFrame, path: str, kind: str) -> pd.DataFrame:
+    """Labels from an override file (data.relabel) on top of the data's own; the files are never edited."""
+    from pstage.audit import check_relabel, read_relabel
+    from pstage.tasks import MASK_NAMES
+
+    overrides = read_relabel(Path(path).expanduser())
+    check_relabel(overrides, train, Path(path), kind)
+    train = train.copy()
+    for row in overrides.itertuples():
+        rows = (train["group"] == row.person) if row.person else (train["image_id"] == row.image_id)
+        if row.gender:
+            train.loc[rows, "gender"] = GENDERS[row.gender.lower()]
+        if row.age:
+            train.loc[rows, "age"] = int(row.age)
+        if row.mask:
+            train.loc[rows, "mask"] = MASK_NAMES.index(row.mask) if row.mask in MASK_NAMES else MASK_STEMS[row.mask]
+        if row.label:
+            train.loc[rows, "label"] = row.label
+    return train
 
 
 def read_folder(root: Path, cfg: DataConfig) -> Source:

@@ -128,6 +128,8 @@ def train(
     if not cfg.data.path:
         raise DataError("no data given: pass --data DIR (or set data.path in the config)")
     cfg.data.path = str(Path(cfg.data.path).expanduser().resolve())
+    if cfg.data.relabel:
+        cfg.data.relabel = str(Path(cfg.data.relabel).expanduser().resolve())
     if not Path(cfg.data.path).exists():
         raise DataError(f"data path {cfg.data.path} does not exist")
     check_model_name(cfg.model.name)
