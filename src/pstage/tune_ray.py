@@ -43,7 +43,7 @@ RUN_KEY = "pstage_run"  # added to each Ray trial's config: the run name (from t
 METRIC = "objective"
 
 
-def _import_ray() -> Any:
+def import_ray() -> Any:
     try:
         import ray
         from ray import tune  # noqa: F401
@@ -128,7 +128,7 @@ def tune_ray(
     storage: optuna.storages.BaseStorage,
 ) -> TuneResult:
     """Run the study's remaining trials on Ray Tune; then report the study like the Optuna backend."""
-    _import_ray()
+    import_ray()
     import ray
     from optuna.trial import TrialState
     from ray import tune as rt

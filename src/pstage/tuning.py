@@ -539,9 +539,9 @@ def tune(
     if backend not in ("optuna", "ray"):
         raise ConfigError(f"--backend {backend}: expected optuna or ray")
     if backend == "ray" and not show:
-        from pstage.tune_ray import _import_ray
+        from pstage.tune_ray import import_ray
 
-        _import_ray()  # a missing extra answers first, in one line
+        import_ray()  # a missing extra answers first, in one line
     if show:
         base = load_config(config, list(overrides) if not isinstance(overrides, dict) else overrides)
         name = study_name(base, config, study)
@@ -854,7 +854,12 @@ def _importances(study: optuna.Study, n_complete: int, path: Path) -> dict[str, 
 def _plots(study: optuna.Study, out: Path) -> dict[str, Path]:
     """Optimization history and per-step curves (pruning shows as cut-off lines): PNG, else HTML."""
     files: dict[str, Path] = {}
-    if not study.get_trials(deepcopy=False):
+    trials = study.get_trials(deepcopy=False)
+    wanted = {
+        "history": any(t.state == TrialState.COMPLETE for t in trials),
+        "intermediate": any(t.intermediate_values for t in trials),
+    }
+    if not any(wanted.values()):
         return files
     try:
         import matplotlib
@@ -863,22 +868,29 @@ def _plots(study: optuna.Study, out: Path) -> dict[str, Path]:
         import matplotlib.pyplot as plt
         from optuna.visualization import matplotlib as ovm
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            for key, plot in (
-                ("history", ovm.plot_optimization_history),
-                ("intermediate", ovm.plot_intermediate_values),
-            ):
-                try:
-                    ax = plot(study)
-                except (ValueError, RuntimeError):
-                    continue  # e.g. no intermediate values yet
-                figure = ax.figure
-                figure.set_size_inches(8, 5)
-                figure.tight_layout()
-                figure.savefig(out / f"{key}.png", dpi=100)
-                plt.close(figure)
-                files[key] = out / f"{key}.png"
+        verbosity = optuna.logging.get_verbosity()
+        optuna.logging.set_verbosity(optuna.logging.ERROR)  # "no complete trials" notes: the table says it
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                for key, plot in (
+                    ("history", ovm.plot_optimization_history),
+                    ("intermediate", ovm.plot_intermediate_values),
+                ):
+                    if not wanted[key]:
+                        continue
+                    try:
+                        ax = plot(study)
+                    except (ValueError, RuntimeError):
+                        continue
+                    figure = ax.figure
+                    figure.set_size_inches(8, 5)
+                    figure.tight_layout()
+                    figure.savefig(out / f"{key}.png", dpi=100)
+                    plt.close(figure)
+                    files[key] = out / f"{key}.png"
+        finally:
+            optuna.logging.set_verbosity(verbosity)
         return files
     except ImportError:
         pass
