@@ -82,6 +82,7 @@ def test_space_shorthands_and_values_checked_against_the_config():
     )
     assert set(cfg.tune.space) == {"optim.lr", "data.image_size", "model.name"}
     assert cfg.tune.space["data.image_size"].choices == [[32, 24], [40, 30]]
+    assert load_config(cfg.to_dict()) == cfg  # a run's config.yaml with a space reloads unchanged
     check_space(cfg)  # valid: nothing raised
     for bad, message in [
         ("tune.space={optim.lr: {low: -1.0, high: 1.0}}", "tune.space[optim.lr]: -1.0 is not a valid value"),
@@ -95,6 +96,7 @@ def test_space_shorthands_and_values_checked_against_the_config():
 def test_storage_specs_and_unreachable_storage_are_one_line(tmp_path):
     assert storage_url(None, tmp_path) == f"sqlite:///{tmp_path.resolve() / 'tune.db'}"
     assert storage_url("x.log", tmp_path) == "x.log"
+    assert isinstance(open_storage(f"journal:{tmp_path / 'team' / 'mask.log'}"), optuna.storages.JournalStorage)
     with pytest.raises(ConfigError, match="expected an SQLAlchemy URL"):
         storage_url("somewhere", tmp_path)
     with pytest.raises(ConfigError, match=r"cannot open it .*folder .* does not exist\); check the path"):
