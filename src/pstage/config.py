@@ -40,6 +40,31 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class BorderlineConfig(Section):
+    years: int = Field(
+        0,
+        ge=0,
+        le=20,
+        description="Borderline ages: training images of persons aged within this many years below a bucket threshold (e.g. 57-59 with 60 at 3) are dropped or down-weighted, in training folds only (validation and OOF keep every image); 0 is off. Needs numeric ages (competition layout).",
+    )
+    mode: Literal["drop", "weight"] = Field(
+        "drop",
+        description="drop: leave borderline images out of training; weight: keep them with loss weight data.borderline.weight.",
+    )
+    weight: float = Field(0.5, ge=0.0, le=1.0, description="Loss weight of a borderline training image in weight mode.")
+    thresholds: list[int] | None = Field(
+        None,
+        description="Thresholds the borderline band sits below, e.g. [60] for the old-age edge only; null = both data.age_thresholds.",
+    )
+
+    @field_validator("thresholds")
+    @classmethod
+    def _positive(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and (not value or min(value) <= 0):
+            raise ValueError("expected a non-empty list of positive ages, e.g. [60]")
+        return value
+
+
 class DataConfig(Section):
     path: str | None = Field(
         None, description="Data: a competition folder, an image-folder tree or a CSV (path,label[,group])."
@@ -82,6 +107,7 @@ class DataConfig(Section):
         None,
         description="Label override CSV (person,image_id,gender,age,mask,label; pstage report RUN --relabel FILE writes one): corrections applied on reading, the data is never edited.",
     )
+    borderline: BorderlineConfig = Field(default_factory=BorderlineConfig)
 
     @field_validator("image_size")
     @classmethod
@@ -121,6 +147,21 @@ class ModelConfig(Section):
         description="linear: one softmax over the classes; multi: mask, gender and age heads whose product gives the class probability (mask task only; 0.51 vs linear 0.55 on the demo data).",
     )
     drop_rate: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout before the classifier.")
+    age_head: Literal["classify", "regress", "ordinal"] = Field(
+        "classify",
+        description="Age head of model.head=multi: classify (softmax over the buckets); regress (predicts the age in years: smooth-L1 on the standardised age + bucket NLL, bucket probabilities from a Gaussian of learned width integrated over the bucket intervals; needs numeric ages); ordinal (CORAL-style cumulative logits over the buckets).",
+    )
+    classifier: Literal["linear", "arcface"] = Field(
+        "linear",
+        description="Each classification head: linear, or arcface (cosine logits with an additive angular margin in training, scaled-cosine softmax for probabilities).",
+    )
+    arcface_scale: float = Field(30.0, gt=0.0, description="ArcFace: scale s of the cosine logits.")
+    arcface_margin: float = Field(
+        0.3,
+        ge=0.0,
+        lt=1.5,
+        description="ArcFace: additive angular margin m in radians, applied to the target class in training.",
+    )
 
 
 class LossConfig(Section):
@@ -189,6 +230,10 @@ class TrainConfig(Section):
         None, description="Train only these folds (e.g. [0]) for quick experiments; null trains all."
     )
     compile: bool = Field(False, description="torch.compile the model (costs 6-25 s of compilation per fold).")
+    final_fit: Literal["off", "alone", "blend"] = Field(
+        "off",
+        description="After the CV, train one model on every training person for the folds' median best epoch count (final/): alone = it makes test.csv/submission.csv; blend = half it, half the fold models' mean. OOF and CV are the folds' only.",
+    )
     progress: Literal["auto", "bar", "epoch", "none"] = Field(
         "auto",
         description="Rich progress bars on a terminal (auto), always (bar), one line per epoch (epoch) or quiet (none).",
@@ -398,6 +443,20 @@ class DistillConfig(Section):
     )
 
 
+class PseudoConfig(Section):
+    run: str | None = Field(
+        None,
+        description="Teacher run or ensemble (folder, or name under --runs) whose test.csv gives pseudo-labels: confident test images join every training fold, never validation; null is off.",
+    )
+    threshold: float = Field(
+        0.9,
+        gt=0.0,
+        le=1.0,
+        description="A test image is pseudo-labelled when the teacher's top probability is at least this.",
+    )
+    soft: bool = Field(False, description="Train on the teacher's probabilities instead of its top class (hard label).")
+
+
 class Config(Section):
     """The whole, resolved configuration of one run."""
 
@@ -413,9 +472,14 @@ class Config(Section):
     log: LogConfig = Field(default_factory=LogConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
+    pseudo: PseudoConfig = Field(default_factory=PseudoConfig)
 
     @model_validator(mode="after")
     def _folds_in_range(self) -> Config:
+        if self.model.age_head != "classify" and self.model.head != "multi":
+            raise ValueError(
+                f"model.age_head={self.model.age_head} needs model.head=multi (a separate age head); set model.head=multi or model.age_head=classify"
+            )
         for fold in self.train.folds or []:
             if not 0 <= fold < self.split.folds:
                 raise ValueError(

@@ -25,6 +25,8 @@ class CachedImages(Dataset):
     """Rows ``rows`` of a cache memmap as (uint8 HWC image, target) pairs, optionally augmented.
 
     With ``soft`` (N, C) teacher probabilities (distillation) each item also carries its row of them.
+    With ``extras`` (name -> per-image array: "age", "weight", "soft", "teacher") each batch carries
+    a third item, a dict of those arrays' rows (the training step reads what it needs).
     """
 
     def __init__(
@@ -34,12 +36,16 @@ class CachedImages(Dataset):
         targets: np.ndarray | None = None,
         transform: Any = None,
         soft: np.ndarray | None = None,
+        extras: dict[str, np.ndarray] | None = None,
     ):
         self.cache = str(cache)
         self.rows = np.asarray(rows, dtype=np.int64)
         self.targets = np.asarray(targets if targets is not None else np.full(len(self.rows), -1), dtype=np.int64)
         self.transform = transform
         self.soft = None if soft is None else np.asarray(soft, dtype=np.float32)
+        self.extras = {k: np.asarray(v, dtype=np.float32) for k, v in (extras or {}).items()}
+        if self.extras and self.soft is not None:
+            self.extras["teacher"], self.soft = self.soft, None
         self._images: np.ndarray | None = None  # opened lazily, once per worker process
 
     def __len__(self) -> int:
@@ -63,6 +69,12 @@ class CachedImages(Dataset):
         batch = self.images[self.rows[idx]]
         if self.transform is not None:
             batch = np.stack([self.transform(image=image)["image"] for image in batch])
+        if self.extras:
+            return (
+                torch.from_numpy(np.ascontiguousarray(batch)),
+                torch.from_numpy(self.targets[idx]),
+                {k: torch.from_numpy(v[idx]) for k, v in self.extras.items()},
+            )
         if self.soft is not None:
             return (
                 torch.from_numpy(np.ascontiguousarray(batch)),
@@ -70,6 +82,43 @@ class CachedImages(Dataset):
                 torch.from_numpy(self.soft[idx]),
             )
         return torch.from_numpy(np.ascontiguousarray(batch)), torch.from_numpy(self.targets[idx])
+
+
+class CombinedImages(Dataset):
+    """Several CachedImages (e.g. a fold's training images and pseudo-labelled test images) as one dataset.
+
+    Batches keep ``__getitems__``'s one-read-per-cache speed: indices are split by part, each part
+    is read once, and the rows are put back in the order asked. Parts must carry the same extras.
+    """
+
+    def __init__(self, parts: list[CachedImages]):
+        self.parts = parts
+        self.offsets = np.cumsum([0] + [len(p) for p in parts])
+        self.targets = np.concatenate([p.targets for p in parts])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, index: int) -> tuple[Any, ...]:
+        batch = self.__getitems__([index])
+        return tuple({k: v[0] for k, v in part.items()} if isinstance(part, dict) else part[0] for part in batch)
+
+    def __getitems__(self, indices: list[int]) -> tuple[Any, ...]:
+        idx = np.asarray(indices)
+        which = np.searchsorted(self.offsets, idx, side="right") - 1
+        pieces, order = [], []
+        for p in np.unique(which):
+            mine = np.flatnonzero(which == p)
+            pieces.append(self.parts[p].__getitems__((idx[mine] - self.offsets[p]).tolist()))
+            order.append(mine)
+        back = torch.from_numpy(np.argsort(np.concatenate(order)))
+
+        def join(values: list[Any]) -> Any:
+            if isinstance(values[0], dict):
+                return {k: torch.cat([v[k] for v in values])[back] for k in values[0]}
+            return torch.cat(values)[back]
+
+        return tuple(join([piece[i] for piece in pieces]) for i in range(len(pieces[0])))
 
 
 def keep_batch(batch: Any) -> Any:
@@ -132,9 +181,15 @@ class FoldData(L.LightningDataModule):
         config: Config,
         transform: Any,
         train_soft: np.ndarray | None = None,
+        train_extras: dict[str, np.ndarray] | None = None,
+        extra_train: CachedImages | None = None,
     ):
         super().__init__()
-        self.train_set = CachedImages(cache, train_rows, train_targets, transform, train_soft)
+        self.train_set: CachedImages | CombinedImages = CachedImages(
+            cache, train_rows, train_targets, transform, train_soft, train_extras
+        )
+        if extra_train is not None:  # pseudo-labelled test images: training only, never validation
+            self.train_set = CombinedImages([self.train_set, extra_train])
         self.val_set = CachedImages(cache, val_rows, val_targets)
         self.config = config
         self.workers = resolve_workers(config.train.num_workers, transform is not None)

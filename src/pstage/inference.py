@@ -131,6 +131,16 @@ def ensemble_probs(
     return total / len(checkpoints)
 
 
+def with_final_fit(run_dir: Path, config: Config, probs: np.ndarray, cache: CacheInfo, tta: bool) -> np.ndarray:
+    """The fold models' mean combined with the run's final-fit model (``train.final_fit``), as training did."""
+    final = run_dir / "final" / "model.ckpt"
+    if config.train.final_fit == "off" or not (final.parent / "metrics.json").exists():
+        return probs
+    from pstage.recipes import blend_final
+
+    return blend_final(config.train.final_fit, probs, ensemble_probs([final], cache, config, tta=tta))
+
+
 def predictions_frame(images: pd.DataFrame, probs: np.ndarray, task: Task) -> pd.DataFrame:
     """Per image: class id and name, decoded head labels (mask task), and every probability."""
     preds = probs.argmax(1)
@@ -213,7 +223,7 @@ def predict(
         raise DataError(
             f"{path}: {reason}; fix or remove it, or set data.on_bad_image=skip to predict it from a blank image"
         )
-    probs = ensemble_probs(checkpoints, cache, config, tta=tta)
+    probs = with_final_fit(run_dir, config, ensemble_probs(checkpoints, cache, config, tta=tta), cache, tta)
     if kind == "submission":
         frame = submission_frame(images, probs, task, test_format)
         default = run_dir / ("submission_tta.csv" if tta else "submission.csv")
@@ -261,7 +271,7 @@ def _predict_with_tta(
             precision=precision,
             tta=config.tta,
         )
-    probs = ensemble_probs(checkpoints, test_cache, config, tta=True)
+    probs = with_final_fit(run_dir, config, ensemble_probs(checkpoints, test_cache, config, tta=True), test_cache, True)
     test = pd.concat(
         [pd.DataFrame({"image_id": source.test["image_id"].to_numpy()}), pd.DataFrame(probs, columns=cols)], axis=1
     )

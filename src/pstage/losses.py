@@ -14,10 +14,26 @@ def smooth(targets: torch.Tensor, amount: float) -> torch.Tensor:
     return targets * (1 - amount) + amount / targets.shape[-1] if amount else targets
 
 
+def weighted_mean(values: torch.Tensor, sample_weight: torch.Tensor | None) -> torch.Tensor:
+    """Mean of per-image values, weighted by ``sample_weight`` when given."""
+    if sample_weight is None:
+        return values.mean()
+    return (values * sample_weight).sum() / sample_weight.sum().clamp_min(1e-8)
+
+
 def cross_entropy(
-    logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor | None = None, label_smoothing: float = 0.0
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
+    sample_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    return F.cross_entropy(logits.float(), targets, weight=weight, label_smoothing=label_smoothing)
+    if sample_weight is None:
+        return F.cross_entropy(logits.float(), targets, weight=weight, label_smoothing=label_smoothing)
+    per_image = F.cross_entropy(
+        logits.float(), targets, weight=weight, label_smoothing=label_smoothing, reduction="none"
+    )
+    return weighted_mean(per_image, sample_weight)
 
 
 def focal(
@@ -26,6 +42,7 @@ def focal(
     weight: torch.Tensor | None = None,
     label_smoothing: float = 0.0,
     gamma: float = 2.0,
+    sample_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Focal loss (Lin et al.): cross-entropy scaled by (1 - p)^gamma to focus on hard images."""
     log_p = logits.float().log_softmax(-1)
@@ -33,15 +50,24 @@ def focal(
     loss = -(t * (1 - log_p.exp()).pow(gamma) * log_p)
     if weight is not None:
         loss = loss * weight
-    return loss.sum(-1).mean()
+    return weighted_mean(loss.sum(-1), sample_weight)
 
 
 def soft_f1(
-    logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor | None = None, label_smoothing: float = 0.0
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
+    sample_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """1 - macro F1 computed on probabilities (differentiable), averaged over classes present."""
+    """1 - macro F1 computed on probabilities (differentiable), averaged over classes present.
+
+    ``sample_weight`` scales each image's share of the soft counts (tp, fp, fn).
+    """
     p = logits.float().softmax(-1)
     t = smooth(targets, label_smoothing)
+    if sample_weight is not None:
+        p, t = p * sample_weight[:, None], t * sample_weight[:, None]
     tp = (p * t).sum(0)
     fp = (p * (1 - t)).sum(0)
     fn = ((1 - p) * t).sum(0)
@@ -59,12 +85,26 @@ def compute_loss(
     weight: torch.Tensor | None = None,
     label_smoothing: float = 0.0,
     gamma: float = 2.0,
+    sample_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    """``name`` (ce, focal, f1) over soft targets; ``sample_weight`` (N,) weights images (borderline ages)."""
     if name == "focal":
-        return focal(logits, targets, weight, label_smoothing, gamma)
+        return focal(logits, targets, weight, label_smoothing, gamma, sample_weight)
     if name == "f1":
-        return soft_f1(logits, targets, weight, label_smoothing)
-    return cross_entropy(logits, targets, weight, label_smoothing)
+        return soft_f1(logits, targets, weight, label_smoothing, sample_weight)
+    return cross_entropy(logits, targets, weight, label_smoothing, sample_weight)
+
+
+def ordinal_loss(
+    cumulative_logits: torch.Tensor, targets: torch.Tensor, sample_weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """CORAL loss: binary cross-entropy of each cumulative logit P(y > k) against its (soft) target.
+
+    ``targets`` (N, K) are bucket distributions; the target of level k is their mass above k.
+    """
+    above = targets.float().flip(-1).cumsum(-1).flip(-1)[:, 1:]  # P(y > k) for k = 0..K-2
+    per_image = F.binary_cross_entropy_with_logits(cumulative_logits.float(), above, reduction="none").sum(-1)
+    return weighted_mean(per_image, sample_weight)
 
 
 def distillation(log_student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:

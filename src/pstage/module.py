@@ -20,8 +20,16 @@ from torchmetrics.classification import MulticlassF1Score
 
 from pstage.augment import mix_batch
 from pstage.config import Config
-from pstage.losses import compute_loss, distillation
-from pstage.models import class_probs, create_classifier, head_task
+from pstage.losses import compute_loss, distillation, ordinal_loss
+from pstage.models import (
+    AgeRegressionHead,
+    ArcFaceHead,
+    OrdinalHead,
+    class_probs,
+    create_classifier,
+    head_task,
+    readout,
+)
 from pstage.tasks import Task
 
 
@@ -53,6 +61,11 @@ class ClassifierModule(L.LightningModule):
             pool=cfg.model.pool,
             drop_rate=cfg.model.drop_rate,
             input_size=tuple(cfg.data.image_size),
+            classifier=cfg.model.classifier,
+            age_head=cfg.model.age_head,
+            age_thresholds=tuple(cfg.data.age_thresholds),
+            arcface_scale=cfg.model.arcface_scale,
+            arcface_margin=cfg.model.arcface_margin,
         )
         self.heads = head_task(self.task, cfg.model.head)
         self.channels_last = uses_channels_last(self.model, cfg.train.channels_last)
@@ -79,28 +92,40 @@ class ClassifierModule(L.LightningModule):
         # a fresh, reproducible mixing stream per epoch and rank (also right after a resume)
         self._rng = np.random.default_rng([self.config.seed, self.current_epoch, self.global_rank])
 
-    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
-        images, targets, *teacher = batch  # a third item: the teacher's soft labels (pstage distill)
-        soft = F.one_hot(targets, self.task.num_classes).float()
-        if teacher:
-            soft = torch.cat([soft, teacher[0].float()], 1)  # mixed by CutMix/MixUp like the hard labels
-        x, soft = mix_batch(self._inputs(images), soft, self.config.augment, self._rng)
-        if teacher:
-            soft, teacher_probs = soft[:, : self.task.num_classes], soft[:, self.task.num_classes :]
-        logits = self.model(x)
-        loss_cfg = self.config.loss
-        loss = sum(
-            compute_loss(
-                loss_cfg.name,
-                logits[h],
-                soft @ getattr(self, f"map_{h}"),
-                getattr(self, f"weight_{h}"),
-                loss_cfg.label_smoothing,
-                loss_cfg.focal_gamma,
-            )
-            for h in logits
+    def training_step(self, batch: tuple[Any, ...], batch_idx: int) -> torch.Tensor:
+        # A third item: the teacher's soft labels (pstage distill), or a dict of per-image extras:
+        # "teacher" (N, C), "soft" (N, C) targets, "age" (N,) in years (age regression), "weight" (N,) loss weights.
+        images, targets, *rest = batch
+        extras = rest[0] if rest and isinstance(rest[0], dict) else ({"teacher": rest[0]} if rest else {})
+        teacher = extras.get("teacher")
+        if "soft" in extras:  # target distributions (pseudo.soft: the teacher's probabilities; one-hot for real images)
+            soft = extras["soft"].float()
+        else:
+            soft = F.one_hot(targets, self.task.num_classes).float()
+        # everything per image is mixed by CutMix/MixUp like the labels: appended as columns, split after
+        parts = [soft]
+        if teacher is not None:
+            parts.append(teacher.float())
+        for key in ("age", "weight"):
+            if key in extras:
+                parts.append(extras[key].float().view(-1, 1))
+        x, mixed = mix_batch(
+            self._inputs(images), torch.cat(parts, 1) if len(parts) > 1 else soft, self.config.augment, self._rng
         )
-        if teacher:
+        c = self.task.num_classes
+        soft = mixed[:, :c]
+        col = c
+        if teacher is not None:
+            teacher_probs, col = mixed[:, col : col + c], col + c
+        ages = weights = None
+        if "age" in extras:
+            ages, col = mixed[:, col], col + 1
+        if "weight" in extras:
+            weights = mixed[:, col]
+        raw = self.model(x, raw=True)
+        loss = sum(self._head_loss(h, out, soft @ getattr(self, f"map_{h}"), ages, weights) for h, out in raw.items())
+        if teacher is not None:
+            logits = {h: readout(self.model.heads[h], out) for h, out in raw.items()}
             kd = self.config.distill
             kd_loss = distillation(self._log_probs(logits, kd.temperature), teacher_probs, kd.temperature)
             loss = kd.alpha * kd_loss + (1 - kd.alpha) * loss
@@ -108,6 +133,41 @@ class ClassifierModule(L.LightningModule):
             "train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(images), sync_dist=True
         )
         return loss
+
+    def _head_loss(
+        self,
+        head: str,
+        out: torch.Tensor,
+        target: torch.Tensor,
+        ages: torch.Tensor | None,
+        weights: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """One head's loss on its raw output, per the head's kind (linear, ArcFace, age regression, ordinal)."""
+        layer = self.model.heads[head]
+        loss_cfg = self.config.loss
+        if isinstance(layer, OrdinalHead):
+            return ordinal_loss(out, target, weights)
+        if isinstance(layer, AgeRegressionHead):
+            if ages is None:
+                raise RuntimeError("model.age_head=regress: the batch carries no ages")
+            z_error = F.smooth_l1_loss(out.float().squeeze(-1), layer.standardise(ages), reduction="none")
+            regression = (
+                z_error.mean() if weights is None else (z_error * weights).sum() / weights.sum().clamp_min(1e-8)
+            )
+            logits = layer.readout(out)  # log bucket probabilities: the bucket term trains the Gaussian's width
+        elif isinstance(layer, ArcFaceHead):
+            regression, logits = 0.0, layer.margin_logits(out, target)
+        else:
+            regression, logits = 0.0, out
+        return regression + compute_loss(
+            loss_cfg.name,
+            logits,
+            target,
+            getattr(self, f"weight_{head}"),
+            loss_cfg.label_smoothing,
+            loss_cfg.focal_gamma,
+            sample_weight=weights,
+        )
 
     def _log_probs(self, logits: dict[str, torch.Tensor], temperature: float) -> torch.Tensor:
         """Log-probabilities over the final classes at a temperature (a sum over heads for multi-head models)."""

@@ -35,13 +35,22 @@ from pstage.augment import build_transforms
 from pstage.cache import CacheInfo, build_cache
 from pstage.config import Config, diff_configs, dump_config, load_config
 from pstage.console import console, quiet_lightning
-from pstage.datasets import FoldData, resolve_workers
+from pstage.datasets import CachedImages, FoldData, resolve_workers
 from pstage.devices import inference_device, is_rank_zero, resolve_precision
 from pstage.errors import ConfigError, DataError, RunError
 from pstage.inference import load_fold_module, predict_probs
 from pstage.losses import balanced_weights
 from pstage.metrics import cv_scores, macro_f1, prob_columns
 from pstage.models import check_model_name, head_task
+from pstage.recipes import (
+    PseudoLabels,
+    blend_final,
+    borderline_mask,
+    check_recipes,
+    final_epochs,
+    pseudo_labels,
+    resolve_teacher,
+)
 from pstage.runs import (
     RUN_FILE,
     RunLock,
@@ -69,6 +78,8 @@ RESUMABLE_KEYS = (
     "train.num_nodes",
     "train.folds",
     "log.",
+    "tta.",  # prediction-time settings
+    "tune.",  # the search space is the study's, not the run's
 )
 
 
@@ -134,6 +145,7 @@ def train(
         raise DataError(f"data path {cfg.data.path} does not exist")
     check_model_name(cfg.model.name)
     check_optimizer(cfg.optim.name)
+    resolve_teacher(cfg, runs)
     rank0 = is_rank_zero()
     name = name or (None if rank0 else os.environ.get(RUN_NAME_ENV)) or default_name(cfg)
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+=-]*", name):
@@ -216,16 +228,23 @@ def _run(
         )
     try:
         source = load_source(cfg.data)
+        check_recipes(cfg, source)
         info.update(task=source.task.to_dict(), classes=source.task.classes)
         train_cache, test_cache = prepare_caches(source, cfg, verbose=rank0)
         folds = _folds(source, cfg, run_dir, rank0)
         pending = [k for k in wanted if not (run_dir / f"fold_{k}" / "metrics.json").exists()]
+        final_pending = cfg.train.final_fit != "off" and not (run_dir / FINAL_DIR / "metrics.json").exists()
+        pseudo = pseudo_labels(cfg, source)
+        if pseudo is not None and rank0:
+            console.print(
+                f"  pseudo-labels: {len(pseudo)}/{pseudo.total} test images with teacher confidence >= {cfg.pseudo.threshold:g} join every training fold"
+            )
         info["resolved"] = {
             "precision": precision,
             "num_workers": resolve_workers(cfg.train.num_workers, build_transforms(cfg.augment) is not None),
         }
         if rank0:
-            if was_done and not pending:
+            if was_done and not pending and not final_pending:
                 console.print(f"  already done (CV macro F1 {previous['cv']['macro_f1']:.4f}); nothing to train")
                 return _result(run_dir, previous)
             done = sorted(set(wanted) - set(pending))
@@ -233,14 +252,20 @@ def _run(
                 console.print(f"  resuming (folds {', '.join(map(str, done))} already done)")
             record("running")
         for k in pending:
-            fit_fold(k, cfg, source, folds, train_cache, test_cache, run_dir, precision, rank0, fold_callbacks)
+            fit_fold(
+                k, cfg, source, folds, train_cache, test_cache, run_dir, precision, rank0, fold_callbacks, pseudo=pseudo
+            )
             record("running")
+        if final_pending:
+            fit_final(cfg, source, train_cache, test_cache, run_dir, precision, rank0, pseudo)
         if not rank0:
             return None
-        cv = _write_outputs(run_dir, source, test_cache)
+        cv = _write_outputs(run_dir, source, test_cache, cfg.train.final_fit)
+        recipes = _recipes_summary(cfg, run_dir, pseudo)
         record(
             "done",
             cv=cv,
+            **({"recipes": recipes} if recipes else {}),
             finished=now(),
             folds_trained=_finished_folds(run_dir),
             data=_data_summary(source, test_cache),
@@ -488,6 +513,57 @@ def _progress_mode(cfg: Config) -> str:
     return mode
 
 
+FINAL_DIR = "final"  # the final-fit model (not fold_*: every fold_* consumer keeps its meaning)
+
+
+@dataclass
+class TrainingRows:
+    """What one model trains on: its rows of the training table (after the borderline recipe), their
+    per-image extras for the loss, and the pseudo-labelled test images as a second dataset."""
+
+    rows: pd.DataFrame
+    extras: dict[str, np.ndarray]
+    borderline: int  # training images dropped or down-weighted as borderline ages
+    pseudo: CachedImages | None = None
+
+    @property
+    def count(self) -> int:
+        return len(self.rows) + (len(self.pseudo) if self.pseudo is not None else 0)
+
+
+def training_rows(
+    cfg: Config,
+    source: Source,
+    rows: pd.DataFrame,
+    test_cache: CacheInfo | None = None,
+    pseudo: PseudoLabels | None = None,
+    transform: Any = None,
+) -> TrainingRows:
+    """The training side of a fold (or of the final fit): borderline ages out or down-weighted,
+    ages for a regression head, pseudo-labelled test images. Validation rows never pass here."""
+    extras: dict[str, np.ndarray] = {}
+    border = 0
+    if cfg.data.borderline.years:
+        band = borderline_mask(rows["age"].to_numpy(), cfg)
+        border = int(band.sum())
+        if cfg.data.borderline.mode == "drop":
+            rows = rows[~band]
+        else:
+            extras["weight"] = np.where(band, cfg.data.borderline.weight, 1.0)
+    if cfg.model.age_head == "regress":
+        extras["age"] = rows["age"].to_numpy(dtype=np.float32)
+    extra = None
+    if pseudo is not None and len(pseudo) and test_cache is not None:
+        pseudo_extras = {}
+        if "weight" in extras:
+            pseudo_extras["weight"] = np.ones(len(pseudo))
+        if cfg.pseudo.soft:
+            extras["soft"] = np.eye(source.task.num_classes)[rows["target"].to_numpy()]
+            pseudo_extras["soft"] = pseudo.probs
+        extra = CachedImages(test_cache.path, pseudo.rows, pseudo.targets, transform, extras=pseudo_extras)
+    return TrainingRows(rows, extras, border, extra)
+
+
 def fit_fold(
     k: int,
     cfg: Config,
@@ -499,6 +575,8 @@ def fit_fold(
     precision: str,
     rank0: bool,
     fold_callbacks: Callable[[int], Sequence[Callback]] | None = None,
+    *,
+    pseudo: PseudoLabels | None = None,
 ) -> None:
     """Train fold ``k`` (resuming from last.ckpt if present); on rank 0 then write its predictions."""
     from pstage.module import ClassifierModule
@@ -507,12 +585,15 @@ def fit_fold(
     fold_dir = run_dir / f"fold_{k}"
     fold_dir.mkdir(parents=True, exist_ok=True)
     is_val = (folds["fold"] == k).to_numpy()
-    train_rows, val_rows = source.train[~is_val], source.train[is_val]
+    transform = build_transforms(cfg.augment)
+    training = training_rows(cfg, source, source.train[~is_val], test_cache, pseudo, transform)
+    train_rows, val_rows = training.rows, source.train[is_val]
     L.seed_everything(cfg.seed + k, workers=True, verbose=False)
     module = ClassifierModule(
         cfg.to_dict(), source.task.to_dict(), _class_weights(cfg, source, train_rows["target"].to_numpy())
     )
-    transform = build_transforms(cfg.augment)
+    if cfg.model.age_head == "regress":  # standardise ages with the training fold's own statistics
+        module.model.heads["age"].set_stats(train_rows["age"].to_numpy(dtype=np.float32))
     datamodule = FoldData(
         train_cache.path,
         train_rows["cache_row"].to_numpy(),
@@ -522,6 +603,8 @@ def fit_fold(
         cfg,
         transform,
         _teacher_labels(cfg, train_rows) if cfg.distill.teacher else None,
+        training.extras,
+        training.pseudo,
     )
     best = ModelCheckpoint(
         dirpath=fold_dir,
@@ -543,7 +626,7 @@ def fit_fold(
         callbacks.append(EarlyStopping(monitor="val/macro_f1", mode="max", patience=cfg.train.early_stopping))
     if cfg.train.ema:
         callbacks.append(EMAWeightAveraging(decay=cfg.train.ema_decay))
-    steps = max(1, len(train_rows) // cfg.train.batch_size)
+    steps = max(1, training.count // cfg.train.batch_size)
     trainer = L.Trainer(
         max_epochs=cfg.train.epochs,
         accelerator=cfg.train.accelerator,
@@ -564,14 +647,35 @@ def fit_fold(
     if cfg.train.compile:
         module.model = torch.compile(module.model)
     resume = fold_dir / "last.ckpt"
+    notes = _recipe_notes(cfg, training)
     if rank0 and mode != "none":
-        console.print(f"[bold]fold {k}[/]: {len(train_rows):,} train / {len(val_rows):,} validation images")
+        console.print(
+            f"[bold]fold {k}[/]: {len(train_rows):,} train / {len(val_rows):,} validation images{notes['line']}"
+        )
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume.exists() else None)
     for logger in trainer.loggers:
         logger.finalize("success")
     if not rank0:
         return
-    _predict_fold(k, cfg, source, val_rows, train_cache, test_cache, fold_dir, precision, best, report, started)
+    _predict_fold(
+        k, cfg, source, val_rows, train_cache, test_cache, fold_dir, precision, best, report, started, notes["metrics"]
+    )
+
+
+def _recipe_notes(cfg: Config, training: TrainingRows) -> dict[str, Any]:
+    """What the recipes changed in a model's training images: a console suffix and metrics.json keys."""
+    metrics: dict[str, Any] = {}
+    parts = []
+    if cfg.data.borderline.years:
+        verb = "dropped" if cfg.data.borderline.mode == "drop" else f"weighted {cfg.data.borderline.weight:g}"
+        metrics["borderline_images"] = training.borderline
+        parts.append(f"{training.borderline} borderline-age images {verb}")
+    if training.pseudo is not None:
+        metrics["pseudo_images"] = len(training.pseudo)
+        parts.append(f"+{len(training.pseudo)} pseudo-labelled test images")
+    if metrics:
+        metrics["train_images"] = training.count
+    return {"metrics": metrics, "line": f" ({', '.join(parts)})" if parts else ""}
 
 
 def _predict_fold(
@@ -586,6 +690,7 @@ def _predict_fold(
     best: ModelCheckpoint,
     report: FoldReport,
     started: float,
+    extra_metrics: dict[str, Any] | None = None,
 ) -> None:
     """OOF and test probabilities from the fold's best weights; metrics.json last (marks the fold done)."""
     model = load_fold_module(fold_dir / "best.ckpt")
@@ -623,6 +728,7 @@ def _predict_fold(
         "val_images": len(val_rows),
         "resumed_from_epoch": report.resumed_from_epoch,
         "duration_s": round(time.time() - started, 2),
+        **(extra_metrics or {}),
         "history": history,
     }
     write_json(fold_dir / "metrics.json", metrics)
@@ -633,8 +739,141 @@ def _predict_fold(
     )
 
 
-def _write_outputs(run_dir: Path, source: Source, test_cache: CacheInfo | None) -> dict[str, Any]:
-    """oof.csv, test.csv and submission.csv from every finished fold; returns the CV summary."""
+def fit_final(
+    cfg: Config,
+    source: Source,
+    train_cache: CacheInfo,
+    test_cache: CacheInfo | None,
+    run_dir: Path,
+    precision: str,
+    rank0: bool,
+    pseudo: PseudoLabels | None = None,
+) -> None:
+    """``train.final_fit``: one model on every training person for the folds' median best epoch count.
+
+    Nothing is validated (there is no held-out person left); the epoch count comes from the CV.
+    Writes final/model.ckpt (weights) and final/test.npy, then final/metrics.json (marks it done).
+    """
+    from pstage.module import ClassifierModule
+
+    started = time.time()
+    final_dir = run_dir / FINAL_DIR
+    final_dir.mkdir(parents=True, exist_ok=True)
+    fold_metrics = [read_json(run_dir / f"fold_{k}" / "metrics.json") for k in _finished_folds(run_dir)]
+    epochs = final_epochs(fold_metrics, cfg.train.epochs)
+    transform = build_transforms(cfg.augment)
+    training = training_rows(cfg, source, source.train, test_cache, pseudo, transform)
+    rows = training.rows
+    L.seed_everything(cfg.seed + cfg.split.folds, workers=True, verbose=False)  # a seed no fold uses
+    final_cfg = cfg.model_copy(deep=True)
+    final_cfg.train.epochs = epochs  # the schedule (warm-up, cosine) spans the epochs it trains
+    module = ClassifierModule(
+        final_cfg.to_dict(), source.task.to_dict(), _class_weights(cfg, source, rows["target"].to_numpy())
+    )
+    if cfg.model.age_head == "regress":
+        module.model.heads["age"].set_stats(rows["age"].to_numpy(dtype=np.float32))
+    empty = np.zeros(0, np.int64)
+    datamodule = FoldData(
+        train_cache.path,
+        rows["cache_row"].to_numpy(),
+        rows["target"].to_numpy(),
+        empty,
+        empty,
+        cfg,
+        transform,
+        _teacher_labels(cfg, rows) if cfg.distill.teacher else None,
+        training.extras,
+        training.pseudo,
+    )
+    last = ModelCheckpoint(dirpath=final_dir, filename="last", monitor=None, save_top_k=1, enable_version_counter=False)
+    callbacks: list[Callback] = [last]
+    if cfg.train.ema:
+        callbacks.append(EMAWeightAveraging(decay=cfg.train.ema_decay))
+    mode = _progress_mode(cfg)
+    if mode == "bar":
+        callbacks.append(RichProgressBar(leave=True))
+    trainer = L.Trainer(
+        max_epochs=epochs,
+        accelerator=cfg.train.accelerator,
+        devices=cfg.train.devices,
+        strategy=cfg.train.strategy,
+        num_nodes=cfg.train.num_nodes,
+        precision=precision,
+        accumulate_grad_batches=cfg.train.accumulate_grad_batches,
+        gradient_clip_val=cfg.train.gradient_clip_val,
+        callbacks=callbacks,
+        logger=make_loggers(cfg, run_dir, FINAL_DIR) or False,  # type: ignore[arg-type]
+        enable_progress_bar=mode == "bar",
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        log_every_n_steps=min(50, max(1, training.count // cfg.train.batch_size)),
+        default_root_dir=final_dir,
+    )
+    if cfg.train.compile:
+        module.model = torch.compile(module.model)
+    notes = _recipe_notes(cfg, training)
+    if rank0 and mode != "none":
+        console.print(
+            f"[bold]final fit[/]: {len(rows):,} train images (every person), {epochs} epochs (the folds' median best){notes['line']}"
+        )
+    resume = final_dir / "last.ckpt"
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume.exists() else None)
+    for logger in trainer.loggers:
+        logger.finalize("success")
+    trainer.save_checkpoint(final_dir / "model.ckpt", weights_only=True)
+    if not rank0:
+        return
+    model = load_fold_module(final_dir / "model.ckpt")
+    if test_cache is not None:
+        probs = predict_probs(
+            model,
+            test_cache.path,
+            np.arange(test_cache.count),
+            batch_size=cfg.train.batch_size * 2,
+            device=inference_device(cfg.train.accelerator),
+            precision=precision,
+        )
+        np.save(final_dir / "test.npy", probs.astype(np.float32))
+    metrics = {
+        "mode": cfg.train.final_fit,
+        "epochs": epochs,
+        "fold_best_epochs": [m.get("best_epoch") for m in fold_metrics],
+        "duration_s": round(time.time() - started, 2),
+        **notes["metrics"],
+        "train_images": training.count,
+    }
+    write_json(final_dir / "metrics.json", metrics)
+    (final_dir / "last.ckpt").unlink(missing_ok=True)
+    console.print(f"  final fit done: {epochs} epochs on {training.count:,} images in {metrics['duration_s']:.0f}s")
+
+
+def _recipes_summary(cfg: Config, run_dir: Path, pseudo: PseudoLabels | None) -> dict[str, Any]:
+    """run.json ``recipes``: which recipes shaped this run and what they did (empty when none)."""
+    out: dict[str, Any] = {}
+    if cfg.data.borderline.years:
+        out["borderline"] = cfg.data.borderline.model_dump(mode="json")
+    if cfg.model.age_head != "classify":
+        out["age_head"] = cfg.model.age_head
+    if cfg.model.classifier != "linear":
+        out["classifier"] = cfg.model.classifier
+    if pseudo is not None:
+        out["pseudo"] = {
+            "teacher": cfg.pseudo.run,
+            "threshold": cfg.pseudo.threshold,
+            "images": len(pseudo),
+            "test_images": pseudo.total,
+        }
+    if cfg.train.final_fit != "off" and (run_dir / FINAL_DIR / "metrics.json").exists():
+        final = read_json(run_dir / FINAL_DIR / "metrics.json")
+        out["final_fit"] = {k: final.get(k) for k in ("mode", "epochs", "duration_s", "train_images")}
+    return out
+
+
+def _write_outputs(
+    run_dir: Path, source: Source, test_cache: CacheInfo | None, final_fit: str = "off"
+) -> dict[str, Any]:
+    """oof.csv, test.csv and submission.csv from every finished fold (test: with the final fit, if any); returns the CV summary."""
     task = source.task
     fold_dirs = [run_dir / f"fold_{k}" for k in _finished_folds(run_dir)]
     if not fold_dirs:
@@ -652,6 +891,9 @@ def _write_outputs(run_dir: Path, source: Source, test_cache: CacheInfo | None) 
         (run_dir / stale).unlink(missing_ok=True)
     if source.test is not None and test_cache is not None:
         probs = np.mean([np.load(d / "test.npy") for d in fold_dirs], axis=0)
+        final = run_dir / FINAL_DIR / "test.npy"
+        if final_fit != "off" and final.exists():
+            probs = blend_final(final_fit, probs, np.load(final))
         test = pd.concat(
             [
                 pd.DataFrame({"image_id": source.test["image_id"].to_numpy()}),
