@@ -69,6 +69,16 @@ def test_recipes_refuse_data_without_ages() -> None:
         _cfg("model.age_head=ordinal")
 
 
+def test_age_recipes_on_data_without_ages_stop_before_the_run_folder(tmp_path: Path) -> None:
+    from pstage.training import train
+
+    labels = tmp_path / "labels.csv"
+    labels.write_text("path,label\na.jpg,cat\n")
+    with pytest.raises(ConfigError, match=r"^data.borderline.years=3 needs numeric ages .*this csv data has none"):
+        train(None, data=labels, runs=tmp_path / "runs", name="x", overrides=["data.borderline.years=3"])
+    assert not (tmp_path / "runs" / "x").exists()
+
+
 def test_sample_weights_scale_each_images_share() -> None:
     from pstage.losses import compute_loss
 

@@ -42,17 +42,23 @@ def borderline_mask(ages: np.ndarray, cfg: Config) -> np.ndarray:
     return np.any([(ages >= t - band.years) & (ages < t) for t in thresholds], axis=0)
 
 
+def check_recipe_data(cfg: Config, kind: str) -> None:
+    """The checks that need only the data's layout (``train`` runs them before the run folder exists)."""
+    if kind == "competition":  # the only layout with numeric ages
+        return
+    if cfg.data.borderline.years:
+        raise ConfigError(
+            f"data.borderline.years={cfg.data.borderline.years} needs numeric ages ({NEEDS_AGES}); this {kind} data has none: set data.borderline.years=0"
+        )
+    if cfg.model.age_head == "regress":
+        raise ConfigError(
+            f"model.age_head=regress needs numeric ages ({NEEDS_AGES}); this {kind} data has none: use model.age_head=ordinal or classify"
+        )
+
+
 def check_recipes(cfg: Config, source: Source) -> None:
     """Refuse, in one line, a recipe the data or the other settings cannot support (before any training)."""
-    has_ages = "age" in source.train.columns
-    if cfg.data.borderline.years and not has_ages:
-        raise ConfigError(
-            f"data.borderline.years={cfg.data.borderline.years} needs numeric ages ({NEEDS_AGES}); this {source.kind} data has none: set data.borderline.years=0"
-        )
-    if cfg.model.age_head == "regress" and not has_ages:
-        raise ConfigError(
-            f"model.age_head=regress needs numeric ages ({NEEDS_AGES}); this {source.kind} data has none: use model.age_head=ordinal or classify"
-        )
+    check_recipe_data(cfg, "competition" if "age" in source.train.columns else source.kind)
     if cfg.pseudo.run:
         if source.test is None:
             raise ConfigError(

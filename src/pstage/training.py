@@ -46,6 +46,7 @@ from pstage.recipes import (
     PseudoLabels,
     blend_final,
     borderline_mask,
+    check_recipe_data,
     check_recipes,
     final_epochs,
     pseudo_labels,
@@ -62,7 +63,7 @@ from pstage.runs import (
     write_csv,
     write_json,
 )
-from pstage.sources import Source, load_source
+from pstage.sources import Source, detect_kind, load_source
 from pstage.split import check_folds, make_folds
 
 RUN_NAME_ENV = "PSTAGE_RUN_NAME"  # passes an auto-generated name to the processes DDP launches
@@ -145,6 +146,7 @@ def train(
         raise DataError(f"data path {cfg.data.path} does not exist")
     check_model_name(cfg.model.name)
     check_optimizer(cfg.optim.name)
+    check_recipe_data(cfg, cfg.data.source if cfg.data.source != "auto" else detect_kind(Path(cfg.data.path)))
     resolve_teacher(cfg, runs)
     rank0 = is_rank_zero()
     name = name or (None if rank0 else os.environ.get(RUN_NAME_ENV)) or default_name(cfg)
