@@ -146,7 +146,8 @@ def train(
         raise DataError(f"data path {cfg.data.path} does not exist")
     check_model_name(cfg.model.name)
     check_optimizer(cfg.optim.name)
-    check_recipe_data(cfg, cfg.data.source if cfg.data.source != "auto" else detect_kind(Path(cfg.data.path)))
+    if cfg.data.borderline.years or cfg.model.age_head == "regress":  # recipes that need numeric ages
+        check_recipe_data(cfg, cfg.data.source if cfg.data.source != "auto" else detect_kind(Path(cfg.data.path)))
     resolve_teacher(cfg, runs)
     rank0 = is_rank_zero()
     name = name or (None if rank0 else os.environ.get(RUN_NAME_ENV)) or default_name(cfg)
