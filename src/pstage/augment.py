@@ -81,14 +81,18 @@ def _transform(index: int, spec: Any) -> A.BasicTransform:
         raise ConfigError(f"{where}: invalid parameters for {name}: {first[0] if first else exc}") from None
 
 
-def build_transforms(cfg: AugmentConfig) -> A.Compose | None:
-    """The per-image training transforms (None when there are none, so loading can batch-slice)."""
+def build_transforms(cfg: AugmentConfig, seed: int | None = None) -> A.Compose | None:
+    """The per-image training transforms (None when there are none, so loading can batch-slice).
+
+    albumentations keeps its own random state, which global seeding does not reach: ``seed``
+    makes the draws reproducible (DataLoader workers re-seed it per worker, see datasets.py).
+    """
     transforms = (
         [_transform(i, spec) for i, spec in enumerate(cfg.transforms)]
         if cfg.transforms is not None
         else PRESETS[cfg.preset]()
     )
-    return A.Compose(transforms) if transforms else None
+    return A.Compose(transforms, seed=seed) if transforms else None
 
 
 def mix_batch(

@@ -134,6 +134,19 @@ def resolve_workers(num_workers: int | str, augmenting: bool) -> int:
     return min(4, cores - 1) if augmenting else 0
 
 
+def seed_worker_transform(worker_id: int) -> None:
+    """Give each DataLoader worker its own reproducible augmentation stream.
+
+    Every worker gets a copy of the dataset's albumentations pipeline with the same internal
+    random state; re-seeding it from the worker's torch seed (base seed drawn from the seeded main
+    process + worker id) makes workers draw differently yet identically from run to run.
+    """
+    info = torch.utils.data.get_worker_info()
+    transform = getattr(info.dataset, "transform", None) if info is not None else None
+    if transform is not None and hasattr(transform, "set_random_seed"):
+        transform.set_random_seed(info.seed % 2**32)
+
+
 def make_loader(
     dataset: CachedImages,
     batch_size: int,
@@ -151,6 +164,7 @@ def make_loader(
         num_workers=workers,
         collate_fn=keep_batch,
         persistent_workers=workers > 0,
+        worker_init_fn=seed_worker_transform if workers > 0 else None,
         drop_last=drop_last,
         pin_memory=torch.cuda.is_available(),
     )

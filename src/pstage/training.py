@@ -588,7 +588,7 @@ def fit_fold(
     fold_dir = run_dir / f"fold_{k}"
     fold_dir.mkdir(parents=True, exist_ok=True)
     is_val = (folds["fold"] == k).to_numpy()
-    transform = build_transforms(cfg.augment)
+    transform = build_transforms(cfg.augment, seed=cfg.seed + k)
     training = training_rows(cfg, source, source.train[~is_val], test_cache, pseudo, transform)
     train_rows, val_rows = training.rows, source.train[is_val]
     L.seed_everything(cfg.seed + k, workers=True, verbose=False)
@@ -764,7 +764,7 @@ def fit_final(
     final_dir.mkdir(parents=True, exist_ok=True)
     fold_metrics = [read_json(run_dir / f"fold_{k}" / "metrics.json") for k in _finished_folds(run_dir)]
     epochs = final_epochs(fold_metrics, cfg.train.epochs)
-    transform = build_transforms(cfg.augment)
+    transform = build_transforms(cfg.augment, seed=cfg.seed + cfg.split.folds)
     training = training_rows(cfg, source, source.train, test_cache, pseudo, transform)
     rows = training.rows
     L.seed_everything(cfg.seed + cfg.split.folds, workers=True, verbose=False)  # a seed no fold uses
