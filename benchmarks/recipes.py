@@ -4,9 +4,9 @@ Trains one run per recipe on the same data, seed and person split (so the CVs ar
 prints a Markdown table: CV macro F1 (mean over folds, and per task: mask / gender / age), the
 test macro F1 when the data carries its hidden answers (the demo's ``demo_truth.csv``: the only
 honest score of pseudo-labels and final fit, which leave the CV unchanged or cannot show in it),
-and wall time per recipe. ``baseline-again`` repeats the baseline: albumentations draws are not
-seeded by pstage, so two identical runs differ a little, and that row is the noise floor every
-other delta must clear.
+and wall time per recipe. ``baseline-again`` repeats the baseline: with every random draw seeded
+(albumentations included) it must match it exactly, which is what makes the paired deltas mean
+something; a difference there says the comparison is noise.
 
     python benchmarks/recipes.py                        # demo data (120 persons), ~10 min on 2 quiet cores
     python benchmarks/recipes.py --data DIR --epochs 12 --only baseline,borderline-drop
@@ -35,7 +35,7 @@ BASE = [
 # name -> (overrides, what it is compared with)
 RECIPES: dict[str, tuple[list[str], str]] = {
     "baseline": ([], "-"),
-    # the same run again: augmentation (albumentations) is not seeded, so this row is the noise floor
+    # the same run again: every draw is seeded, so it must equal the baseline (a reproducibility check)
     "baseline-again": ([], "baseline"),
     "multi": (["model.head=multi"], "baseline"),
     "age-regress": (["model.head=multi", "model.age_head=regress"], "multi"),
