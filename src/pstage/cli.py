@@ -17,7 +17,7 @@ from rich.console import Console
 
 app = typer.Typer(
     name="pstage",
-    help="Image-classification competitions, stage by stage: train with K-fold CV, predict, board, ensemble, demo.",
+    help="Image-classification competitions, stage by stage: eda, train (K-fold CV), predict, board, ensemble, tune, report, export/serve, distill, demo.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -236,7 +236,7 @@ def demo(
     out: Path = typer.Option(Path("demo"), "--out", "-o", help="Folder for the demo data and runs."),
     quick: bool = typer.Option(False, "--quick", help="A much smaller, faster demo (for tests and smoke checks)."),
 ) -> None:
-    """Generate a demo competition dataset, train two runs, predict and print a leaderboard."""
+    """Generate a demo competition dataset, train two runs, TTA, ensemble, board, EDA and report pages."""
     from pstage.demo import run_demo
 
     run_demo(out, quick=quick)
