@@ -21,7 +21,7 @@ from pstage.errors import DataError
 from pstage.metrics import prob_columns
 from pstage.pages import table, tiles
 from pstage.runs import Run, write_csv
-from pstage.sources import GENDERS, MASK_STEMS
+from pstage.sources import GENDERS, MASK_STEMS, read_csv_table
 from pstage.tasks import MASK_NAMES, Task
 
 GRID = 24
@@ -225,13 +225,7 @@ RELABEL_COLUMNS = ["person", "image_id", "gender", "age", "mask", "label"]
 
 def read_relabel(path: Path) -> pd.DataFrame:
     """A corrections / override CSV: person-level gender/age, image-level mask (or label)."""
-    if not path.is_file():
-        raise DataError(f"{path} not found; pass the corrections CSV (columns person,image_id,gender,age,mask)")
-    try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
-        raise DataError(f"{path}: not a readable CSV ({str(exc).splitlines()[0]})") from None
-    frame.columns = [c.strip() for c in frame.columns]
+    frame = read_csv_table(path, [], "pass the corrections CSV (columns person,image_id,gender,age,mask)")
     unknown = [c for c in frame.columns if c not in [*RELABEL_COLUMNS, "note"]]
     if unknown or not ({"person", "image_id"} & set(frame.columns)):
         raise DataError(

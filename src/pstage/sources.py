@@ -53,7 +53,8 @@ def _problems(problems: list[str], on_bad: str, hint: str) -> list[str]:
     return problems
 
 
-def _read_csv(path: Path, required: list[str], hint: str) -> pd.DataFrame:
+def read_csv_table(path: Path, required: list[str], hint: str) -> pd.DataFrame:
+    """A CSV read as strings with stripped column names; missing file, bad CSV or missing columns: one line."""
     if not path.is_file():
         raise DataError(f"{path} not found; {hint}")
     try:
@@ -98,7 +99,7 @@ def read_competition(root: Path, cfg: DataConfig) -> Source:
     train_csv = root / "train" / "train.csv"
     images = root / "train" / "images"
     layout = "expected the competition layout: train/train.csv, train/images/<person>/, eval/info.csv, eval/images/"
-    people = _read_csv(train_csv, ["gender", "age", "path"], layout)
+    people = read_csv_table(train_csv, ["gender", "age", "path"], layout)
     if not images.is_dir():
         raise DataError(f"{images} not found; {layout}")
     skip_hint = "fix the data or set data.on_bad_image=skip to leave such images out"
@@ -160,7 +161,7 @@ def _person_files(folder: Path) -> tuple[dict[str, Path], list[str]]:
 def _read_eval(eval_dir: Path) -> pd.DataFrame:
     info = eval_dir / "info.csv"
     hint = "the competition layout keeps the test set in eval/info.csv (ImageID,ans) and eval/images/"
-    frame = _read_csv(info, ["ImageID"], hint)
+    frame = read_csv_table(info, ["ImageID"], hint)
     images = eval_dir / "images"
     if not images.is_dir():
         raise DataError(f"{images} not found; {hint}")
@@ -247,7 +248,7 @@ def read_folder(root: Path, cfg: DataConfig) -> Source:
 
 def read_csv_source(root: Path, cfg: DataConfig) -> Source:
     """A CSV of ``path,label[,group]``; relative paths are relative to the CSV's folder."""
-    frame = _read_csv(root, ["path", "label"], "")
+    frame = read_csv_table(root, ["path", "label"], "")
     base = root.parent
     paths = [str(p if Path(p).is_absolute() else base / p) for p in frame["path"].str.strip()]
     missing = [p for p in paths if not Path(p).is_file()]
@@ -267,7 +268,7 @@ def _read_test(path: Path) -> pd.DataFrame:
     if not path.exists():
         raise DataError(f"test data {path} does not exist (data.test)")
     if path.is_file():
-        frame = _read_csv(path, ["path"], "")
+        frame = read_csv_table(path, ["path"], "")
         paths = [p if Path(p).is_absolute() else str(path.parent / p) for p in frame["path"].str.strip()]
         missing = [p for p in paths if not Path(p).is_file()]
         if missing:
