@@ -509,6 +509,37 @@ def _teacher_labels(cfg: Config, rows: pd.DataFrame) -> np.ndarray:
     return teacher_probs(cfg, rows["image_id"])
 
 
+def make_trainer(
+    cfg: Config,
+    precision: str,
+    callbacks: list[Callback],
+    epochs: int,
+    samples: int,
+    loggers: list[Any],
+    root: Path,
+    **extra: Any,
+) -> L.Trainer:
+    """The Trainer every model of a run is fitted with (folds and the final fit): flags from train.*."""
+    return L.Trainer(
+        max_epochs=epochs,
+        accelerator=cfg.train.accelerator,
+        devices=cfg.train.devices,
+        strategy=cfg.train.strategy,
+        num_nodes=cfg.train.num_nodes,
+        precision=precision,
+        accumulate_grad_batches=cfg.train.accumulate_grad_batches,
+        gradient_clip_val=cfg.train.gradient_clip_val,
+        callbacks=callbacks,
+        logger=loggers or False,
+        enable_progress_bar=_progress_mode(cfg) == "bar",
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        log_every_n_steps=min(50, max(1, samples // cfg.train.batch_size)),
+        default_root_dir=root,
+        **extra,
+    )
+
+
 def _progress_mode(cfg: Config) -> str:
     mode = cfg.train.progress
     if mode == "auto":
@@ -629,23 +660,8 @@ def fit_fold(
         callbacks.append(EarlyStopping(monitor="val/macro_f1", mode="max", patience=cfg.train.early_stopping))
     if cfg.train.ema:
         callbacks.append(EMAWeightAveraging(decay=cfg.train.ema_decay))
-    steps = max(1, training.count // cfg.train.batch_size)
-    trainer = L.Trainer(
-        max_epochs=cfg.train.epochs,
-        accelerator=cfg.train.accelerator,
-        devices=cfg.train.devices,
-        strategy=cfg.train.strategy,
-        num_nodes=cfg.train.num_nodes,
-        precision=precision,
-        accumulate_grad_batches=cfg.train.accumulate_grad_batches,
-        gradient_clip_val=cfg.train.gradient_clip_val,
-        callbacks=callbacks,
-        logger=make_loggers(cfg, run_dir, k) or False,
-        enable_progress_bar=mode == "bar",
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        log_every_n_steps=min(50, steps),
-        default_root_dir=fold_dir,
+    trainer = make_trainer(
+        cfg, precision, callbacks, cfg.train.epochs, training.count, make_loggers(cfg, run_dir, k), fold_dir
     )
     if cfg.train.compile:
         module.model = torch.compile(module.model)
@@ -795,24 +811,8 @@ def fit_final(
     mode = _progress_mode(cfg)
     if mode == "bar":
         callbacks.append(RichProgressBar(leave=True))
-    trainer = L.Trainer(
-        max_epochs=epochs,
-        accelerator=cfg.train.accelerator,
-        devices=cfg.train.devices,
-        strategy=cfg.train.strategy,
-        num_nodes=cfg.train.num_nodes,
-        precision=precision,
-        accumulate_grad_batches=cfg.train.accumulate_grad_batches,
-        gradient_clip_val=cfg.train.gradient_clip_val,
-        callbacks=callbacks,
-        logger=make_loggers(cfg, run_dir, FINAL_DIR) or False,  # type: ignore[arg-type]
-        enable_progress_bar=mode == "bar",
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        log_every_n_steps=min(50, max(1, training.count // cfg.train.batch_size)),
-        default_root_dir=final_dir,
-    )
+    loggers = make_loggers(cfg, run_dir, FINAL_DIR)  # type: ignore[arg-type]
+    trainer = make_trainer(cfg, precision, callbacks, epochs, training.count, loggers, final_dir, limit_val_batches=0)
     if cfg.train.compile:
         module.model = torch.compile(module.model)
     notes = _recipe_notes(cfg, training)
