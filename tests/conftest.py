@@ -69,8 +69,6 @@ def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def learn_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """120 train persons (64x48 photos): enough for a tiny model to learn in a minute."""
-    if os.environ.get("PSTAGE_TEST_LEARNED_DATA"):
-        return Path(os.environ["PSTAGE_TEST_LEARNED_DATA"])
     from pstage.demo_data import make_demo_data
 
     return make_demo_data(
@@ -80,18 +78,8 @@ def learn_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def learned(learn_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
-    """One real end-to-end CLI run, shared by the tests that inspect a finished run.
-
-    For quick iterations on the tests that only read it, PSTAGE_TEST_LEARNED_DATA=DIR reuses a
-    dataset made like ``learn_root`` and trains (or finds) the run under DIR/../runs.
-    """
-    if os.environ.get("PSTAGE_TEST_LEARNED_DATA"):
-        learn_root = Path(os.environ["PSTAGE_TEST_LEARNED_DATA"])
-        runs = learn_root.parent / "runs"
-        if (runs / "base" / "run.json").exists() and '"done"' in (runs / "base" / "run.json").read_text():
-            return runs / "base", subprocess.CompletedProcess([], 0, "", "")
-    else:
-        runs = tmp_path_factory.mktemp("runs")
+    """One real end-to-end CLI run, shared by the tests that inspect a finished run."""
+    runs = tmp_path_factory.mktemp("runs")
     out = run_cli("train", "--data", str(learn_root), "--runs", str(runs), "--name", "base", *LEARN, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return runs / "base", out
