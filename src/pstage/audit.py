@@ -13,6 +13,7 @@ import html
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -66,7 +67,7 @@ def _head_probs(probs: np.ndarray, task: Task, head: str) -> np.ndarray:
     return np.stack([probs[:, index == h].sum(1) for h in range(len(task.heads[head]))], axis=1)
 
 
-def audit(run: Run, task: Task, oof: pd.DataFrame) -> AuditResult:
+def audit(run: Run, task: Task, oof: pd.DataFrame, pictures: tuple[Any, pd.Series] | str | None = None) -> AuditResult:
     """Rank suspects, aggregate per person, write ``<run>/audit/{suspects,persons,corrections}.csv``.
 
     On the mask task the image-level audit runs on the mask head (the only label given per photo)
@@ -104,7 +105,14 @@ def audit(run: Run, task: Task, oof: pd.DataFrame) -> AuditResult:
     write_csv(folder / "suspects.csv", suspects)
     write_csv(folder / "persons.csv", persons)
     write_csv(folder / "corrections.csv", _corrections(task, suspects, persons, mask_task))
-    return AuditResult(suspects, persons, folder, _html(run, task, suspects, persons, folder, len(oof)))
+    if pictures is None:
+        from pstage.report import training_images
+
+        try:
+            pictures = training_images(run)
+        except Exception as exc:  # the audit tables stand without pictures (e.g. data moved away)
+            pictures = str(exc)
+    return AuditResult(suspects, persons, folder, _html(run, suspects, persons, folder, len(oof), pictures))
 
 
 def _persons(task: Task, probs: np.ndarray, targets: np.ndarray, groups: pd.Series) -> pd.DataFrame:
@@ -168,7 +176,14 @@ def _corrections(task: Task, suspects: pd.DataFrame, persons: pd.DataFrame, mask
     return pd.DataFrame(rows, columns=["person", "image_id", "gender", "age", "mask", "label", "note"])
 
 
-def _html(run: Run, task: Task, suspects: pd.DataFrame, persons: pd.DataFrame, folder: Path, total: int) -> str:
+def _html(
+    run: Run,
+    suspects: pd.DataFrame,
+    persons: pd.DataFrame,
+    folder: Path,
+    total: int,
+    pictures: tuple[Any, pd.Series] | str,
+) -> str:
     flagged = persons[persons["suggestion"] != ""]
     intro = (
         f"<p>cleanlab's confident learning on the out-of-fold probabilities flags <b>{len(suspects)}</b> of {total:,} "
@@ -190,17 +205,16 @@ def _html(run: Run, task: Task, suspects: pd.DataFrame, persons: pd.DataFrame, f
                 left=1,
             )
         )
-    try:
-        from pstage.report import training_images
-
-        images, rows = training_images(run)
-        items = [
-            (images[rows[r.image_id]], f"#{r.rank} {r.image_id}\n{r.suggestion}\ngiven: {r.given}")
-            for r in suspects.head(GRID).itertuples()
-        ]
-        grid = tiles(items)
-    except Exception as exc:  # the audit tables stand without pictures (e.g. data moved away)
-        grid = f"<p class='warn'>no pictures: {html.escape(str(exc))}</p>"
+    if isinstance(pictures, str):
+        grid = f"<p class='warn'>no pictures: {html.escape(pictures)}</p>"
+    else:
+        images, rows = pictures
+        grid = tiles(
+            [
+                (images[rows[r.image_id]], f"#{r.rank} {r.image_id}\n{r.suggestion}\ngiven: {r.given}")
+                for r in suspects.head(GRID).itertuples()
+            ]
+        )
     return intro + person_table + "<p>Top suspect photos:</p>" + grid
 
 

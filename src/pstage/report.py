@@ -7,6 +7,7 @@ looked. With ``audit`` it adds the label-issue audit (see ``pstage.audit``).
 
 from __future__ import annotations
 
+import html
 import json
 import time
 from dataclasses import dataclass
@@ -159,17 +160,26 @@ def training_images(run: Run) -> tuple[Any, pd.Series]:
     return cache.open(), source.train.set_index("image_id")["cache_row"]
 
 
-def _mistakes(run: Run, oof: pd.DataFrame, task: Task, with_cam: bool) -> tuple[str, pd.DataFrame]:
+def pictures_of(run: Run) -> tuple[Any, pd.Series] | str:
+    """``training_images(run)``, or the reason the pictures cannot be shown (the page stands without them)."""
+    try:
+        return training_images(run)
+    except RunError as exc:  # the data moved away: tables and plots still tell most of the story
+        return str(exc)
+
+
+def _mistakes(
+    run: Run, oof: pd.DataFrame, task: Task, with_cam: bool, pictures: tuple[Any, pd.Series] | str
+) -> tuple[str, pd.DataFrame]:
     probs = oof[prob_columns(task.num_classes)].to_numpy()
     preds = probs.argmax(1)
     frame = oof[["image_id", "fold", "target"]].assign(pred=preds, confidence=probs.max(1))
     wrong = frame[frame["pred"] != frame["target"]].sort_values("confidence", ascending=False).head(MISTAKES)
     if wrong.empty:
         return "<p>No OOF mistakes.</p>", wrong
-    try:
-        images, rows = training_images(run)
-    except RunError as exc:
-        return f"<p class='warn'>{exc}</p>" + table(["image", "true", "predicted", "p"], []), wrong
+    if isinstance(pictures, str):
+        return f"<p class='warn'>{html.escape(pictures)}</p>" + table(["image", "true", "predicted", "p"], []), wrong
+    images, rows = pictures
     items, cam_note = [], ""
     for fold, group in wrong.groupby("fold", sort=False):
         pixels = np.stack([images[rows[i]] for i in group["image_id"]])
@@ -253,7 +263,8 @@ def report(
     class_rows = [
         [f"{i} {r['class']}", r["precision"], r["recall"], r["f1"], int(r["support"])] for i, r in per_class.iterrows()
     ]
-    mistakes_html, mistakes = _mistakes(loaded, oof, task, with_cam=loaded.info.get("kind") != "ensemble")
+    pictures = pictures_of(loaded)  # once, for the mistakes grid and the audit's
+    mistakes_html, mistakes = _mistakes(loaded, oof, task, loaded.info.get("kind") != "ensemble", pictures)
     sections = [
         ("summary", "Summary", summary),
         ("folds", "CV per fold", folds),
@@ -266,7 +277,7 @@ def report(
     if audit:
         from pstage.audit import audit as run_audit
 
-        found = run_audit(loaded, task, oof)
+        found = run_audit(loaded, task, oof, pictures)
         sections.append(("audit", "Label-issue audit", found.html))
     path = page(f"Report: {loaded.name}", f"pstage report {loaded.name}", sections, out or loaded.path / "report.html")
     return ReportResult(path, per_class, mistakes, found, time.time() - started)
