@@ -59,7 +59,7 @@ def latency(predict: Callable[[np.ndarray], np.ndarray], images: np.ndarray, cou
 def benchmark(run: str, runs: str, data: str | None, threads: int, batch: int, rounds: int) -> list[dict]:
     import torch
 
-    from pstage.export import (
+    from pstage.deploy.export import (
         EXPORT_DIR,
         INT8_FILE,
         MODEL_FILE,

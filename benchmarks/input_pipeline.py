@@ -22,7 +22,7 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-import pstage.compat  # noqa: F401
+import pstage.core.compat  # noqa: F401
 
 import lightning as L
 import numpy as np
@@ -32,16 +32,16 @@ from rich.console import Console
 from rich.table import Table
 from torch.utils.data import DataLoader, Dataset
 
-from pstage.augment import build_transforms
 from pstage.config import Config, load_config
-from pstage.console import quiet_lightning
-from pstage.datasets import FoldData, resolve_workers
-from pstage.demo_data import make_demo_data
-from pstage.devices import resolve_precision
-from pstage.module import ClassifierModule
-from pstage.sources import Source, load_source
-from pstage.split import make_folds
-from pstage.training import prepare_caches
+from pstage.core.console import quiet_lightning
+from pstage.core.devices import resolve_precision
+from pstage.data.augment import build_transforms
+from pstage.data.datasets import FoldData, resolve_workers
+from pstage.data.prepare import prepare_caches
+from pstage.data.sources import Source, load_source
+from pstage.data.split import make_folds
+from pstage.data.synthetic import make_demo_data
+from pstage.models.module import ClassifierModule
 
 console = Console(width=150)
 
@@ -138,7 +138,7 @@ def pipeline_rows(model: str, size: tuple[int, int], data: Path, limit: int, rou
     """
     cfg, source = _setup(model, size, data)
     source.train = source.train.iloc[:limit].reset_index(drop=True)
-    cache, _ = prepare_caches(source, cfg, verbose=False)
+    source, cache, _ = prepare_caches(source, cfg, verbose=False)
     rows, targets = source.train["cache_row"].to_numpy(), source.train["target"].to_numpy()
     batch = cfg.train.batch_size
     n = len(rows) // batch * batch
@@ -179,7 +179,7 @@ def precision_rows(model: str, size: tuple[int, int], data: Path, epochs: int) -
     out = []
     for label, extra in settings:
         cfg, source = _setup(model, size, data, [f"train.epochs={epochs}", *extra])
-        cache, _ = prepare_caches(source, cfg, verbose=False)
+        source, cache, _ = prepare_caches(source, cfg, verbose=False)
         val = (make_folds(source, cfg.split.folds, cfg.split.seed)["fold"] == 0).to_numpy()
         tr, va = source.train[~val], source.train[val]
         data_module = FoldData(

@@ -50,7 +50,7 @@ RECIPES: dict[str, tuple[list[str], str]] = {
 
 def test_f1(run: Path, data: Path) -> float | None:
     """Macro F1 of the run's submission against the demo's hidden answers (None without them)."""
-    from pstage.metrics import macro_f1
+    from pstage.core.metrics import macro_f1
 
     truth = data / "demo_truth.csv"
     if not truth.exists() or not (run / "submission.csv").exists():
@@ -74,8 +74,8 @@ def main() -> None:
     parser.add_argument("--out", help="also write the Markdown table to this file")
     args = parser.parse_args()
 
-    from pstage.demo_data import make_demo_data
-    from pstage.training import train
+    from pstage.data.synthetic import make_demo_data
+    from pstage.training.train import train
 
     if args.tiny:
         args.persons, args.folds, args.epochs, args.size = 30, 2, 1, "32x24"

@@ -50,8 +50,8 @@ def main() -> None:
 
     import optuna
 
-    from pstage.demo_data import make_demo_data
-    from pstage.tuning import tune
+    from pstage.data.synthetic import make_demo_data
+    from pstage.tuning.tune import tune
 
     out = args.out or Path(tempfile.mkdtemp(prefix="tune-bench-"))
     shutil.rmtree(out / "runs", ignore_errors=True)

@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from pstage.augment import build_transforms, mix_batch
 from pstage.config import AugmentConfig
-from pstage.errors import ConfigError
+from pstage.core.errors import ConfigError
+from pstage.data.augment import build_transforms, mix_batch
 
 
 def test_presets():

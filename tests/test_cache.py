@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from pstage import cache as cache_module
-from pstage.cache import BadImage, build_cache, decode
-from pstage.faces import center_box
+from pstage.data.cache import BadImage, build_cache, decode
+from pstage.data.faces import center_box
 
 
 def _images(folder: Path, count: int, size=(48, 64)) -> list[str]:

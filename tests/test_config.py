@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from pstage.config import Config, all_keys, diff_configs, load_config, parse_overrides
-from pstage.errors import ConfigError
+from pstage.core.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pstage.demo_data import (
+from pstage.data.synthetic import (
     INFO_COLUMNS,
     STEMS,
     TRAIN_COLUMNS,

@@ -16,7 +16,7 @@ from tests.ship_runs import ship_runs
 
 @pytest.fixture(scope="module")
 def distilled(demo_root: Path, tmp_path_factory: pytest.TempPathFactory):
-    from pstage.distill import distill
+    from pstage.distillation import distill
 
     runs = ship_runs(demo_root, tmp_path_factory)
     result = distill("ens", name="student", runs=runs, overrides=["train.progress=none"], temperature=3.0)
@@ -24,7 +24,7 @@ def distilled(demo_root: Path, tmp_path_factory: pytest.TempPathFactory):
 
 
 def test_kd_loss() -> None:
-    from pstage.losses import distillation
+    from pstage.models.losses import distillation
 
     logits = torch.randn(6, 18)
     teacher = torch.softmax(logits, -1)
@@ -38,8 +38,8 @@ def test_kd_loss() -> None:
 def test_training_step_mixes_kd_and_hard_loss() -> None:
     """alpha=0 is exactly the usual loss; alpha=1 is the KD term alone (which the teacher's own logits zero)."""
     from pstage.config import load_config
-    from pstage.module import ClassifierModule
-    from pstage.tasks import mask_task
+    from pstage.core.tasks import mask_task
+    from pstage.models.module import ClassifierModule
 
     task = mask_task()
     images = torch.randint(0, 256, (4, 32, 24, 3), dtype=torch.uint8)
@@ -94,7 +94,7 @@ def test_student_is_a_run_on_the_teachers_split(distilled) -> None:
 
 def test_soft_labels_are_the_teachers_oof(distilled) -> None:
     from pstage.config import load_config
-    from pstage.distill import teacher_probs
+    from pstage.training.teacher import teacher_probs
 
     runs, _ = distilled
     cfg = load_config(runs / "student" / "config.yaml")
@@ -106,8 +106,8 @@ def test_soft_labels_are_the_teachers_oof(distilled) -> None:
 
 
 def test_refusals(distilled, tmp_path: Path) -> None:
-    from pstage.distill import distill
-    from pstage.errors import ConfigError, RunError
+    from pstage.core.errors import ConfigError, RunError
+    from pstage.distillation import distill
 
     runs, _ = distilled
     with pytest.raises(ConfigError, match="teacher's split"):

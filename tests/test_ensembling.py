@@ -11,10 +11,10 @@ import pandas as pd
 import pytest
 
 import pstage
-from pstage.ensembling import calibrate_apply, calibrate_fit, hill_climb
-from pstage.errors import ConfigError, RunError
-from pstage.metrics import fast_macro_f1, fold_macro_f1, macro_f1
-from pstage.tasks import label_task
+from pstage.core.errors import ConfigError, RunError
+from pstage.core.metrics import fast_macro_f1, fold_macro_f1, macro_f1
+from pstage.core.tasks import label_task
+from pstage.ensembling.ensemble import calibrate_apply, calibrate_fit, hill_climb
 from tests.conftest import run_cli
 
 TASK = label_task(["a", "b", "c"])

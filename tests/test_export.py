@@ -27,9 +27,9 @@ def runs(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _test_images(run_dir: Path) -> tuple[np.ndarray, pd.DataFrame]:
     """The run's eval images, preprocessed by the training cache, in eval/info.csv order."""
-    from pstage.cache import build_cache
     from pstage.config import load_config
-    from pstage.sources import load_source
+    from pstage.data.cache import build_cache
+    from pstage.data.sources import load_source
 
     cfg = load_config(run_dir / "config.yaml")
     source = load_source(cfg.data)
@@ -39,7 +39,7 @@ def _test_images(run_dir: Path) -> tuple[np.ndarray, pd.DataFrame]:
 
 
 def _ort(path: Path, images: np.ndarray, output: str = "probs") -> np.ndarray:
-    from pstage.export import ort_session
+    from pstage.deploy.export import ort_session
 
     return ort_session(path).run([output], {"images": images})[0]
 
@@ -47,8 +47,9 @@ def _ort(path: Path, images: np.ndarray, output: str = "probs") -> np.ndarray:
 def test_run_export_matches_pytorch_and_submission(runs: Path) -> None:
     """ONNX Runtime probabilities equal the fold models' mean in PyTorch within 1e-4, any batch size."""
     from pstage.config import load_config
-    from pstage.export import export
-    from pstage.inference import fold_checkpoints, load_fold_module, predict_probs
+    from pstage.deploy.export import export
+    from pstage.inference.predict import fold_checkpoints, predict_probs
+    from pstage.models.checkpoint import load_fold_module
 
     result = export("a", runs=runs)
     assert result.path == runs / "a" / "export" / "model.onnx" and result.path.exists()
@@ -56,7 +57,7 @@ def test_run_export_matches_pytorch_and_submission(runs: Path) -> None:
     images, test = _test_images(runs / "a")
     got = _ort(result.path, images)
     # the reference: each fold model in PyTorch on the same cached pixels, averaged (what predict does)
-    from pstage.cache import build_cache
+    from pstage.data.cache import build_cache
 
     cfg = load_config(runs / "a" / "config.yaml")
     cache = build_cache(test["path"].tolist(), cfg.data.image_size, center_crop=cfg.data.center_crop)
@@ -86,7 +87,7 @@ def test_run_export_matches_pytorch_and_submission(runs: Path) -> None:
 @pytest.mark.parametrize("name", ["ens", "stk"])
 def test_ensemble_export_reproduces_the_ensemble(runs: Path, name: str) -> None:
     """Weights (hill) or stacker + calibration inside the graph: the ensemble's own test.csv and submission."""
-    from pstage.export import export
+    from pstage.deploy.export import export
 
     result = export(name, runs=runs, score=True)
     images, _ = _test_images(runs / "a")
@@ -101,7 +102,7 @@ def test_ensemble_export_reproduces_the_ensemble(runs: Path, name: str) -> None:
 
 
 def test_int8_is_written_and_scored_on_oof(runs: Path) -> None:
-    from pstage.export import export
+    from pstage.deploy.export import export
 
     result = export("a", runs=runs, int8=True, calibration_images=64)
     assert result.int8_path is not None and result.int8_path.exists()
@@ -115,8 +116,8 @@ def test_int8_is_written_and_scored_on_oof(runs: Path) -> None:
 
 
 def test_refuses_mixed_preprocessing_and_unfinished_runs(runs: Path, tmp_path: Path) -> None:
-    from pstage.errors import ConfigError, RunError
-    from pstage.export import export
+    from pstage.core.errors import ConfigError, RunError
+    from pstage.deploy.export import export
 
     # b at another image size (config edited in a copy): one graph takes one input size
     other = tmp_path / "b64"

@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from pstage.errors import ConfigError
-from pstage.losses import balanced_weights, compute_loss
-from pstage.models import Classifier, class_probs, create_classifier, head_task
-from pstage.tasks import label_task, mask_task
+from pstage.core.errors import ConfigError
+from pstage.core.tasks import label_task, mask_task
+from pstage.models.classifier import Classifier, class_probs, create_classifier, head_task
+from pstage.models.losses import balanced_weights, compute_loss
 
 
 def test_multi_head_probabilities_are_the_product_of_heads():

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pstage.errors import DataError
+from pstage.core.errors import DataError
 from tests.conftest import run_cli
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -124,9 +124,10 @@ def test_report_sections(noisy_report):
 def test_grad_cam_looks_somewhere(learned):
     import torch
 
-    from pstage.inference import load_fold_module
-    from pstage.report import grad_cam, training_images
-    from pstage.runs import Run
+    from pstage.models.checkpoint import load_fold_module
+    from pstage.report.pictures import training_images
+    from pstage.report.report import grad_cam
+    from pstage.runs.rundir import Run
 
     run = Run(learned[0])
     images, rows = training_images(run)
@@ -153,7 +154,7 @@ def test_audit_finds_the_corrupted_labels(noisy_run, noisy_report):
 
 def test_relabel_writes_an_override_that_training_reads(learned, learn_root, tmp_path):
     from pstage.config import load_config
-    from pstage.sources import load_source
+    from pstage.data.sources import load_source
 
     run, _ = learned
     before = (learn_root / "train" / "train.csv").read_text()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pstage.compat  # noqa: F401  (before lightning, which imports torchvision)
+import pstage.core.compat  # noqa: F401  (before lightning, which imports torchvision)
 
 import numpy as np
 import pandas as pd
@@ -18,8 +18,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from pstage.config import load_config
-from pstage.errors import ConfigError
-from pstage.tasks import label_task, mask_task
+from pstage.core.errors import ConfigError
+from pstage.core.tasks import label_task, mask_task
 
 # test-sized: 2 folds, fold 0 only, 1 epoch of timm's tiny test_resnet on 32x24 inputs
 TINY = [
@@ -43,7 +43,7 @@ def _cfg(*overrides: str):
 
 
 def test_borderline_band_sits_below_each_threshold() -> None:
-    from pstage.recipes import borderline_mask
+    from pstage.training.recipes import borderline_mask
 
     ages = np.arange(20, 70)
     both = borderline_mask(ages, _cfg("data.borderline.years=3"))
@@ -54,8 +54,8 @@ def test_borderline_band_sits_below_each_threshold() -> None:
 
 
 def test_recipes_refuse_data_without_ages() -> None:
-    from pstage.recipes import check_recipes
-    from pstage.sources import Source
+    from pstage.data.sources import Source
+    from pstage.training.recipes import check_recipes
 
     frame = pd.DataFrame({"image_id": ["a", "b"], "path": ["a", "b"], "group": ["a", "b"], "target": [0, 1]})
     source = Source("folder", Path("."), label_task(["cat", "dog"]), frame, None)
@@ -70,7 +70,7 @@ def test_recipes_refuse_data_without_ages() -> None:
 
 
 def test_age_recipes_on_data_without_ages_stop_before_the_run_folder(tmp_path: Path) -> None:
-    from pstage.training import train
+    from pstage.training.train import train
 
     labels = tmp_path / "labels.csv"
     labels.write_text("path,label\na.jpg,cat\n")
@@ -80,7 +80,7 @@ def test_age_recipes_on_data_without_ages_stop_before_the_run_folder(tmp_path: P
 
 
 def test_sample_weights_scale_each_images_share() -> None:
-    from pstage.losses import compute_loss
+    from pstage.models.losses import compute_loss
 
     torch.manual_seed(0)
     logits, targets = torch.randn(5, 4), torch.eye(4)[[0, 1, 2, 3, 0]]
@@ -95,7 +95,7 @@ def test_sample_weights_scale_each_images_share() -> None:
 
 
 def test_regression_head_gives_bucket_probabilities_around_the_age() -> None:
-    from pstage.models import AgeRegressionHead, class_probs, create_classifier
+    from pstage.models.classifier import AgeRegressionHead, class_probs, create_classifier
 
     head = AgeRegressionHead(8, (30, 60))
     head.set_stats(torch.tensor([20.0, 40.0, 60.0]))
@@ -117,8 +117,8 @@ def test_regression_head_gives_bucket_probabilities_around_the_age() -> None:
 
 
 def test_ordinal_head_is_rank_consistent() -> None:
-    from pstage.losses import ordinal_loss
-    from pstage.models import OrdinalHead
+    from pstage.models.classifier import OrdinalHead
+    from pstage.models.losses import ordinal_loss
 
     torch.manual_seed(0)
     head = OrdinalHead(8, 3)
@@ -136,7 +136,7 @@ def test_ordinal_head_is_rank_consistent() -> None:
 
 
 def test_arcface_margin_only_in_training_logits() -> None:
-    from pstage.models import ArcFaceHead, class_probs, create_classifier, head_task
+    from pstage.models.classifier import ArcFaceHead, class_probs, create_classifier, head_task
 
     head = ArcFaceHead(8, 4, scale=10.0, margin=0.5)
     cosine = head(torch.randn(6, 8))
@@ -159,7 +159,7 @@ def test_arcface_margin_only_in_training_logits() -> None:
 
 def test_training_step_reads_ages_and_weights() -> None:
     """The regression head trains on the batch's ages; weight 0 removes an image from the loss."""
-    from pstage.module import ClassifierModule
+    from pstage.models.module import ClassifierModule
 
     cfg = _cfg("model.head=multi", "model.age_head=regress", "augment.preset=none")
     torch.manual_seed(0)
@@ -201,7 +201,7 @@ class Capture(Callback):
 
 
 def _source(demo_root: Path, cfg):
-    from pstage.sources import load_source
+    from pstage.data.sources import load_source
 
     return load_source(cfg.data.model_copy(update={"path": str(demo_root)}))
 
@@ -210,7 +210,7 @@ def _source(demo_root: Path, cfg):
 def recipe_runs(demo_root: Path, tmp_path_factory: pytest.TempPathFactory):
     """Run A: borderline drop + age regression + final fit alone. Run B: A's pseudo-labels + borderline
     weight + ordinal age + ArcFace."""
-    from pstage.training import train
+    from pstage.training.train import train
 
     runs = tmp_path_factory.mktemp("recipe-runs")
     seen_a: dict = {}
@@ -251,7 +251,7 @@ def recipe_runs(demo_root: Path, tmp_path_factory: pytest.TempPathFactory):
 
 
 def test_borderline_images_leave_training_but_stay_in_validation(recipe_runs, demo_root: Path) -> None:
-    from pstage.recipes import borderline_mask
+    from pstage.training.recipes import borderline_mask
 
     runs, seen, _ = recipe_runs
     cfg = load_config(runs / "a" / "config.yaml")
@@ -275,7 +275,7 @@ def test_borderline_images_leave_training_but_stay_in_validation(recipe_runs, de
 
 
 def test_final_fit_trains_on_every_person_and_makes_the_submission(recipe_runs, demo_root: Path) -> None:
-    from pstage.recipes import borderline_mask
+    from pstage.training.recipes import borderline_mask
 
     runs, _, _ = recipe_runs
     run = runs / "a"
@@ -290,14 +290,14 @@ def test_final_fit_trains_on_every_person_and_makes_the_submission(recipe_runs, 
     assert not np.allclose(np.load(run / "final" / "test.npy"), np.load(run / "fold_0" / "test.npy"), atol=1e-4)
     assert json.loads((run / "run.json").read_text())["recipes"]["final_fit"]["mode"] == "alone"
     # pstage predict re-creates the same submission (final model included)
-    from pstage.inference import predict
+    from pstage.inference.predict import predict
 
     again = predict(run, runs=runs, out=run / "again.csv")
     assert again.frame["ans"].tolist() == pd.read_csv(run / "submission.csv")["ans"].tolist()
 
 
 def test_pseudo_labels_train_but_never_validate(recipe_runs, demo_root: Path) -> None:
-    from pstage.datasets import CombinedImages
+    from pstage.data.datasets import CombinedImages
 
     runs, _, seen = recipe_runs
     teacher = pd.read_csv(runs / "a" / "test.csv", dtype={"image_id": str})
@@ -316,7 +316,7 @@ def test_pseudo_labels_train_but_never_validate(recipe_runs, demo_root: Path) ->
     cfg = load_config(runs / "b" / "config.yaml")
     table = _source(demo_root, cfg).train
     assert set(fold_part.rows) == set(np.flatnonzero(folds.set_index("image_id").loc[table["image_id"], "fold"] == 1))
-    from pstage.recipes import borderline_mask
+    from pstage.training.recipes import borderline_mask
 
     band = borderline_mask(table["age"].to_numpy()[fold_part.rows], cfg)
     assert np.array_equal(fold_part.extras["weight"], np.where(band, 0.25, 1.0).astype(np.float32))
@@ -324,7 +324,7 @@ def test_pseudo_labels_train_but_never_validate(recipe_runs, demo_root: Path) ->
     batch = train_set.__getitems__(list(range(len(train_set) - 3, len(train_set))) + [0])
     assert batch[0].shape == (4, 32, 24, 3) and batch[2]["weight"].shape == (4,)
     # ordinal age + ArcFace heads, valid probabilities over the 18 classes
-    from pstage.models import ArcFaceHead, OrdinalHead
+    from pstage.models.classifier import ArcFaceHead, OrdinalHead
 
     heads = module.model.heads
     assert isinstance(heads["age"], OrdinalHead) and isinstance(heads["mask"], ArcFaceHead)

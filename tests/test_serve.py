@@ -28,7 +28,7 @@ AUTH = {"X-API-Key": KEY}
 
 @pytest.fixture(scope="module")
 def runs(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from pstage.export import export
+    from pstage.deploy.export import export
 
     runs = ship_runs(demo_root, tmp_path_factory)
     export("a", runs=runs)
@@ -37,7 +37,7 @@ def runs(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def app(runs: Path):
-    from pstage.serve import Limits, create_app, load_served
+    from pstage.deploy.serve import Limits, create_app, load_served
 
     served = load_served("a", runs=runs)
     assert served.backend == "onnx"
@@ -153,7 +153,7 @@ def test_request_limits(client) -> None:
 
 
 def test_pytorch_backend_matches_onnx(runs: Path, demo_root: Path) -> None:
-    from pstage.serve import Limits, load_served, read_image
+    from pstage.deploy.serve import Limits, load_served, read_image
 
     onnx, torch_ = load_served("a", runs=runs), load_served("a", runs=runs, backend="pytorch")
     assert torch_.backend == "pytorch"
@@ -206,7 +206,7 @@ def test_concurrent_load_on_a_real_server(app, runs: Path) -> None:
         time.sleep(0.05)
     assert server.started
     images = [_jpeg(i) for i in range(10)]
-    from pstage.serve import Limits, read_image
+    from pstage.deploy.serve import Limits, read_image
 
     served = app.state.served
     expected = served.predict(np.stack([read_image(b, "x", served.preprocess, Limits()) for b in images])).argmax(1)

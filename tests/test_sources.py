@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 
 from pstage.config import DataConfig
-from pstage.errors import DataError
-from pstage.sources import load_source
+from pstage.core.errors import DataError
+from pstage.data.sources import load_source
 
 
 def _cfg(path: Path, **kw) -> DataConfig:

@@ -2,9 +2,9 @@ import pandas as pd
 import pytest
 
 from pstage.config import DataConfig
-from pstage.errors import DataError
-from pstage.sources import load_source
-from pstage.split import check_folds, make_folds
+from pstage.core.errors import DataError
+from pstage.data.sources import load_source
+from pstage.data.split import check_folds, make_folds
 
 
 def test_no_person_in_two_folds_and_strata_spread(demo_root):

@@ -3,7 +3,7 @@
 import pytest
 
 import pstage
-from pstage.errors import ConfigError
+from pstage.core.errors import ConfigError
 from tests.conftest import FAST
 
 wandb = pytest.importorskip("wandb")

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import pstage
-from pstage.errors import ConfigError, DataError, RunError
-from pstage.inference import load_fold_module
-from pstage.metrics import macro_f1
+from pstage.core.errors import ConfigError, DataError, RunError
+from pstage.core.metrics import macro_f1
+from pstage.models.checkpoint import load_fold_module
 from tests.conftest import FAST, LEARN, run_cli
 
 CHANCE = 1 / 18
@@ -132,7 +132,7 @@ def test_tta_changes_predictions_and_measures_its_gain_on_oof(learned, learn_roo
 
 
 def test_zoom_keeps_the_size_and_centre():
-    from pstage.inference import zoom
+    from pstage.inference.predict import zoom
 
     images = torch.zeros(2, 8, 6, 3, dtype=torch.uint8)
     images[:, 3:5, 2:4] = 255  # a bright centre

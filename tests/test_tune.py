@@ -21,9 +21,9 @@ import yaml
 from optuna.trial import TrialState
 
 from pstage.config import load_config
-from pstage.errors import ConfigError
-from pstage.tune_report import CrossFoldReporter
-from pstage.tuning import TrialSeededSampler, check_space, open_storage, storage_url, tune
+from pstage.core.errors import ConfigError
+from pstage.tuning.reporter import CrossFoldReporter
+from pstage.tuning.tune import TrialSeededSampler, check_space, open_storage, storage_url, tune
 from tests.conftest import run_cli
 
 BASE = {
@@ -169,7 +169,7 @@ def test_cli_bad_space_key_exits_2_with_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_study_prunes_resumes_and_its_best_config_trains_as_is(tmp_path, demo_root):
-    from pstage.training import train
+    from pstage.training.train import train
 
     runs = tmp_path / "runs"
     storage = str(tmp_path / "team.journal")  # Optuna's journal file (the NFS-friendly storage)

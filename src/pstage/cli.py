@@ -30,7 +30,7 @@ def friendly(command: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from pstage.errors import PstageError
+        from pstage.core.errors import PstageError
 
         try:
             return command(*args, **kwargs)
@@ -45,7 +45,7 @@ def friendly(command: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _print_result(result: Any) -> None:
-    from pstage.summary import print_run
+    from pstage.report.summary import print_run
 
     print_run(result.path)
 
@@ -73,7 +73,7 @@ def train(
     from pstage.config import load_config
 
     resolved = load_config(config, overrides or [])  # config errors answer before torch is imported
-    from pstage.training import train as train_run
+    from pstage.training.train import train as train_run
 
     result = train_run(resolved, data=data, runs=runs, name=name)
     if result is not None:  # None in non-zero DDP ranks
@@ -95,10 +95,10 @@ def predict(
     runs: Path = typer.Option(Path("runs"), "--runs", help="Folder holding run directories."),
 ) -> None:
     """Predict with a finished run's fold models."""
-    from pstage.runs import resolve_run
+    from pstage.runs.rundir import resolve_run
 
     run_dir = resolve_run(run, runs)  # a wrong name answers before torch is imported
-    from pstage.inference import predict as predict_run
+    from pstage.inference.predict import predict as predict_run
 
     result = predict_run(run_dir, data, runs=runs, tta=tta, out=out)
     for problem in result.skipped:
@@ -127,8 +127,8 @@ def board(
     html: Path | None = typer.Option(None, "--html", help="Also write the board as a self-contained HTML page."),
 ) -> None:
     """List finished runs, best CV first (unfinished or broken run folders are listed as skipped)."""
-    from pstage.console import console
-    from pstage.leaderboard import board_html, board_table, load_board
+    from pstage.core.console import console
+    from pstage.report.board import board_html, board_table, load_board
 
     found = load_board(runs, contains=contains, sort=sort)
     console.print(board_table(found, title="board"))
@@ -159,8 +159,8 @@ def ensemble(
     runs: Path = typer.Option(Path("runs"), "--runs", help="Folder holding run directories."),
 ) -> None:
     """Blend runs on their OOF predictions; the ensemble is written as a run (board, predict, serve)."""
-    from pstage.ensembling import ensemble as make_ensemble
-    from pstage.summary import print_ensemble
+    from pstage.ensembling.ensemble import ensemble as make_ensemble
+    from pstage.report.summary import print_ensemble
 
     print_ensemble(
         make_ensemble(
@@ -180,7 +180,7 @@ def eda(
     from pstage.config import load_config
 
     load_config(config, [])  # config errors answer before the heavy imports
-    from pstage.eda import eda as run_eda
+    from pstage.report.eda import eda as run_eda
 
     result = run_eda(data, out, config=config)
     for problem in result.problems[:3]:
@@ -208,12 +208,12 @@ def report(
     runs: Path = typer.Option(Path("runs"), "--runs", help="Folder holding run directories."),
 ) -> None:
     """Write RUN/report.html: CV per fold, curves, confusion matrices, per-class F1, mistakes with Grad-CAM."""
-    from pstage.runs import Run, resolve_run
+    from pstage.runs.rundir import Run, resolve_run
 
     run_dir = resolve_run(run, runs)
     if relabel is not None:
-        from pstage.audit import relabel as make_overrides
-        from pstage.tasks import Task
+        from pstage.core.tasks import Task
+        from pstage.report.audit import relabel as make_overrides
 
         loaded = Run(run_dir)
         path, count = make_overrides(loaded, relabel, Task.from_dict(loaded.info["task"]))
@@ -222,7 +222,7 @@ def report(
             f"train with them: pstage train --config {run_dir / 'config.yaml'} --name {loaded.name}-relabel data.relabel={path}"
         )
         return
-    from pstage.report import report as run_report
+    from pstage.report.report import report as run_report
 
     result = run_report(run_dir, runs=runs, audit=audit, out=out)
     if result.audit is not None:
@@ -280,13 +280,13 @@ def tune_command(
     ),
 ) -> None:
     """Search hyper-parameters (tune.space) with Optuna; every completed trial is a normal run."""
-    from pstage.errors import PstageError
+    from pstage.core.errors import PstageError
 
     try:
         from pstage.config import load_config
 
         resolved = load_config(config, overrides or [])  # config errors answer before torch is imported
-        from pstage.tuning import tune as run_tune
+        from pstage.tuning.tune import tune as run_tune
 
         run_tune(
             resolved,
@@ -342,10 +342,10 @@ def export_command(
     runs: Path = typer.Option(Path("runs"), "--runs", help="Folder holding run directories."),
 ) -> None:
     """Export a run (all fold models) or an ensemble (with its weights) to one ONNX graph + preprocess.json."""
-    from pstage.runs import resolve_run
+    from pstage.runs.rundir import resolve_run
 
     run_dir = resolve_run(run, runs)  # a wrong name answers before torch is imported
-    from pstage.export import export
+    from pstage.deploy.export import export
 
     result = export(run_dir, runs=runs, format=format, int8=int8, data=data, out=out, score=score or None)
     size = result.sizes.get("model.onnx", 0) / 2**20
@@ -380,13 +380,13 @@ def serve_command(
     runs: Path = typer.Option(Path("runs"), "--runs", help="Folder holding run directories."),
 ) -> None:
     """Serve a run over HTTP: POST /predict, GET /health, GET /model, docs at /docs."""
-    from pstage.runs import resolve_run
+    from pstage.runs.rundir import resolve_run
 
     resolve_run(run, runs)
-    from pstage.export import require
+    from pstage.deploy.export import require
 
     require("fastapi", "uvicorn", "multipart", "onnxruntime")
-    from pstage.serve import Limits, serve
+    from pstage.deploy.serve import Limits, serve
 
     limits = Limits(int(max_body_mb * 2**20), int(max_file_mb * 2**20), max_pixels, max_images)
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
@@ -422,10 +422,10 @@ def distill_command(
     runs: Path = typer.Option(Path("runs"), "--runs", help="Folder holding run directories."),
 ) -> None:
     """Train one student run on a teacher's (ensemble's) OOF soft labels, on the teacher's exact split."""
-    from pstage.runs import resolve_run
+    from pstage.runs.rundir import resolve_run
 
     resolve_run(teacher, runs)
-    from pstage.distill import distill
+    from pstage.distillation import distill
 
     result = distill(
         teacher, name=name, data=data, runs=runs, overrides=overrides or [], temperature=temperature, alpha=alpha

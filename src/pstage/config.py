@@ -22,7 +22,7 @@ from pydantic import (
     model_validator,
 )
 
-from pstage.errors import ConfigError
+from pstage.core.errors import ConfigError
 
 
 def _pair(value: Any) -> Any:

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from pstage.console import console
-from pstage.demo_data import TRUTH_FILE, make_demo_data
-from pstage.metrics import macro_f1
+from pstage.core.console import console
+from pstage.core.metrics import macro_f1
+from pstage.data.synthetic import TRUTH_FILE, make_demo_data
 
 
 @dataclass(frozen=True)
@@ -75,13 +75,13 @@ def score_on_truth(run_dir: Path, truth: pd.DataFrame) -> dict[str, float]:
 
 def run_demo(out: str | Path = "demo", quick: bool = False) -> DemoResult:
     """Generate data, train two runs, predict with TTA, ensemble, and print the board; returns what it made."""
-    from pstage.eda import eda
-    from pstage.ensembling import ensemble
-    from pstage.inference import predict
-    from pstage.leaderboard import board_table, load_board
-    from pstage.report import report
-    from pstage.summary import print_ensemble
-    from pstage.training import train
+    from pstage.ensembling.ensemble import ensemble
+    from pstage.inference.predict import predict
+    from pstage.report.board import board_table, load_board
+    from pstage.report.eda import eda
+    from pstage.report.report import report
+    from pstage.report.summary import print_ensemble
+    from pstage.training.train import train
 
     plan = QUICK if quick else FULL
     out = Path(out).resolve()

@@ -1,0 +1,1 @@
+"""Shared ground: errors, console, compat, devices, tasks, metrics, atomic file writes."""

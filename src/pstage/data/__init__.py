@@ -1,0 +1,1 @@
+"""Data: sources, relabel, split, faces, the decoded-image cache, augmentation, datasets."""

@@ -1,0 +1,131 @@
+"""Augmentation: albumentations presets per image, CutMix/MixUp per batch.
+
+Per-image transforms run on the cached uint8 images in the data loader; batch mixing runs in the
+training step on normalised tensors and mixes the (soft) targets with the same weights.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from typing import Any
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no version check over the network on import
+
+import albumentations as A  # noqa: E402
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from pstage.config import AugmentConfig  # noqa: E402
+from pstage.core.errors import ConfigError  # noqa: E402
+
+
+def _basic() -> list[A.BasicTransform]:
+    return [
+        A.HorizontalFlip(p=0.5),
+        A.Affine(
+            scale=(0.9, 1.1),
+            translate_percent=(-0.06, 0.06),
+            rotate=(-10, 10),
+            border_mode=cv2.BORDER_REFLECT_101,
+            p=0.7,
+        ),
+        A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=0.5),
+    ]
+
+
+def _strong() -> list[A.BasicTransform]:
+    return [
+        *_basic(),
+        A.HueSaturationValue(hue_shift_limit=8, sat_shift_limit=20, val_shift_limit=10, p=0.4),
+        A.OneOf(
+            [A.GaussianBlur(blur_limit=(3, 5)), A.MotionBlur(blur_limit=(3, 5)), A.GaussNoise(std_range=(0.02, 0.08))],
+            p=0.3,
+        ),
+        A.ToGray(p=0.05),
+        A.CoarseDropout(num_holes_range=(1, 3), hole_height_range=(0.05, 0.15), hole_width_range=(0.05, 0.15), p=0.3),
+    ]
+
+
+PRESETS = {"none": list, "basic": _basic, "strong": _strong}
+
+
+def _transform(index: int, spec: Any) -> A.BasicTransform:
+    """One ``{Name: {param: value}}`` (or bare ``Name``) entry of ``augment.transforms`` as an albumentations transform."""
+    where = f"augment.transforms[{index}]"
+    if isinstance(spec, str):  # a bare name: the transform with its default parameters
+        spec = {spec: {}}
+    if not isinstance(spec, dict) or len(spec) != 1:
+        raise ConfigError(f"{where}: expected one {{TransformName: {{params}}}} mapping, got {spec!r}")
+    ((name, params),) = spec.items()
+    params = params or {}
+    cls = getattr(A, str(name), None)
+    if not (inspect.isclass(cls) and issubclass(cls, A.BasicTransform)):
+        import difflib
+
+        names = [n for n in dir(A) if inspect.isclass(getattr(A, n)) and issubclass(getattr(A, n), A.BasicTransform)]
+        near = difflib.get_close_matches(str(name), names, n=1)
+        hint = f"; did you mean {near[0]}?" if near else " (see albumentations.ai/docs for names)"
+        raise ConfigError(f"{where}: unknown albumentations transform '{name}'{hint}")
+    if not isinstance(params, dict):
+        raise ConfigError(f"{where}: parameters of {name} must be a mapping, got {params!r}")
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    unknown = [p for p in params if p not in accepted]
+    if unknown:
+        raise ConfigError(f"{where}: {name} has no parameter '{unknown[0]}' (it takes: {', '.join(sorted(accepted))})")
+    try:
+        return cls(**params)
+    except (TypeError, ValueError) as exc:
+        first = str(exc).strip().splitlines()
+        raise ConfigError(f"{where}: invalid parameters for {name}: {first[0] if first else exc}") from None
+
+
+def build_transforms(cfg: AugmentConfig, seed: int | None = None) -> A.Compose | None:
+    """The per-image training transforms (None when there are none, so loading can batch-slice).
+
+    albumentations keeps its own random state, which global seeding does not reach: ``seed``
+    makes the draws reproducible (DataLoader workers re-seed it per worker, see datasets.py).
+    """
+    transforms = (
+        [_transform(i, spec) for i, spec in enumerate(cfg.transforms)]
+        if cfg.transforms is not None
+        else PRESETS[cfg.preset]()
+    )
+    return A.Compose(transforms, seed=seed) if transforms else None
+
+
+def mix_batch(
+    images: torch.Tensor, targets: torch.Tensor, cfg: AugmentConfig, rng: np.random.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """CutMix or MixUp a batch (N, C, H, W) with soft targets (N, K); each with its probability.
+
+    CutMix ``vertical`` swaps the left or right half of each image with another image's (faces are
+    roughly symmetric, so both halves keep mask, gender and age cues); ``random`` pastes a box.
+    Target weights follow the pixel share each image keeps.
+    """
+    roll = rng.random()
+    if roll < cfg.cutmix.p:
+        perm = torch.from_numpy(rng.permutation(len(images))).to(images.device)
+        height, width = images.shape[-2:]
+        if cfg.cutmix.mode == "vertical":
+            half = width // 2
+            cols = slice(0, half) if rng.random() < 0.5 else slice(half, width)
+            images = images.clone()
+            images[..., cols] = images[perm][..., cols]
+            kept = 1.0 - (cols.stop - cols.start) / width
+        else:
+            lam = rng.beta(cfg.cutmix.alpha, cfg.cutmix.alpha)
+            cut_h, cut_w = int(height * np.sqrt(1 - lam)), int(width * np.sqrt(1 - lam))
+            cy, cx = rng.integers(height), rng.integers(width)
+            y0, y1 = np.clip([cy - cut_h // 2, cy + cut_h // 2], 0, height)
+            x0, x1 = np.clip([cx - cut_w // 2, cx + cut_w // 2], 0, width)
+            images = images.clone()
+            images[..., y0:y1, x0:x1] = images[perm][..., y0:y1, x0:x1]
+            kept = 1.0 - (y1 - y0) * (x1 - x0) / (height * width)
+        return images, kept * targets + (1 - kept) * targets[perm]
+    if roll < cfg.cutmix.p + cfg.mixup.p * (1 - cfg.cutmix.p):
+        perm = torch.from_numpy(rng.permutation(len(images))).to(images.device)
+        lam = float(rng.beta(cfg.mixup.alpha, cfg.mixup.alpha))
+        return lam * images + (1 - lam) * images[perm], lam * targets + (1 - lam) * targets[perm]
+    return images, targets

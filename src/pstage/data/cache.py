@@ -1,0 +1,178 @@
+"""Decode every image once into a uint8 memmap that every later epoch and run reads.
+
+The cache is keyed by the file list (paths, sizes, mtimes), the output size and the crop settings,
+so a second run with the same data settings decodes nothing, and a changed file invalidates it.
+Arrays live on disk (np.memmap), so memory stays flat however large the dataset. A cache is
+written to a temporary name and renamed when complete: a crash never leaves a half cache behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from pstage.data.faces import center_box, face_box
+
+CACHE_VERSION = 1
+
+
+class BadImage(Exception):
+    """An image file that cannot be decoded completely."""
+
+
+@dataclass
+class CacheInfo:
+    """Where a cache lives and what building it found."""
+
+    path: Path
+    count: int
+    size: tuple[int, int]
+    decoded: int = 0
+    bad: dict[str, str] = field(default_factory=dict)
+    faces_found: int = 0
+    faces_missed: int = 0
+
+    def open(self) -> np.ndarray:
+        """The cached images as a read-only (N, H, W, 3) uint8 memmap."""
+        return open_images(self.path)
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "pstage"
+
+
+def open_images(path: str | Path) -> np.ndarray:
+    return np.load(path, mmap_mode="r")
+
+
+def _truncated(data: bytes) -> bool:
+    """True for a JPEG without its end marker or a PNG without its IEND chunk.
+
+    OpenCV decodes such files partially (grey bottom rows) with only a warning on stderr, so the
+    check is done here on the bytes; other formats are trusted to the decoder.
+    """
+    if data[:2] == b"\xff\xd8":
+        return b"\xff\xd9" not in data[-1024:]
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return b"IEND" not in data[-64:]
+    return False
+
+
+def decode(path: str) -> np.ndarray:
+    """An RGB uint8 image, or BadImage saying why not."""
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except OSError as exc:
+        raise BadImage(f"cannot read ({exc.strerror})") from None
+    if not data:
+        raise BadImage("empty file")
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if image is None:
+        raise BadImage("not a readable image")
+    if _truncated(data):
+        raise BadImage("truncated image file")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def prepare(
+    image: np.ndarray, size: tuple[int, int], face_crop: bool, face_margin: float, center_crop: float
+) -> tuple[np.ndarray, bool]:
+    """Crop (face or centre) and resize to ``size`` = (H, W); also says whether a face was found."""
+    height, width = size
+    aspect = width / height
+    box = face_box(image, aspect, face_margin) if face_crop else None
+    found = box is not None
+    if box is None:
+        box = center_box(image.shape[0], image.shape[1], aspect, center_crop)
+    x0, y0, x1, y1 = box
+    crop = image[y0:y1, x0:x1]
+    interp = cv2.INTER_AREA if crop.shape[0] > height else cv2.INTER_LINEAR
+    return cv2.resize(crop, (width, height), interpolation=interp), found
+
+
+def cache_key(
+    paths: Sequence[str], size: tuple[int, int], face_crop: bool, face_margin: float, center_crop: float
+) -> str:
+    """Hash of everything the cached pixels depend on."""
+    digest = hashlib.sha1()
+    settings = {"v": CACHE_VERSION, "size": list(size), "face_crop": face_crop, "center_crop": center_crop}
+    if face_crop:
+        settings["face_margin"] = face_margin
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    for path in paths:
+        try:
+            stat = os.stat(path)
+            digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        except OSError:
+            digest.update(f"{path}\0missing\n".encode())
+    return digest.hexdigest()[:20]
+
+
+def build_cache(
+    paths: Sequence[str],
+    size: tuple[int, int],
+    *,
+    face_crop: bool = False,
+    face_margin: float = 0.6,
+    center_crop: float = 1.0,
+    cache_dir: str | Path | None = None,
+    workers: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> CacheInfo:
+    """Decode, crop and resize ``paths`` into a memmap (or reuse the one already built).
+
+    Unreadable images become black frames and are listed in ``CacheInfo.bad``; the caller decides
+    whether that is an error. ``progress`` is called with the number of images done so far.
+    """
+    size = (int(size[0]), int(size[1]))
+    root = Path(cache_dir) if cache_dir else default_cache_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    key = cache_key(paths, size, face_crop, face_margin, center_crop)
+    array_path, meta_path = root / f"{key}.npy", root / f"{key}.json"
+    if meta_path.exists() and array_path.exists():
+        meta = json.loads(meta_path.read_text())
+        return CacheInfo(array_path, meta["count"], size, 0, meta["bad"], meta["faces_found"], meta["faces_missed"])
+
+    tmp = root / f"{key}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp.npy"
+    images = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), size[0], size[1], 3))
+    bad: dict[str, str] = {}
+    found = 0
+
+    def work(index: int) -> bool:
+        try:
+            image = decode(paths[index])
+        except BadImage as exc:
+            bad[paths[index]] = str(exc)
+            return False
+        images[index], hit = prepare(image, size, face_crop, face_margin, center_crop)
+        return hit
+
+    try:
+        with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:  # cv2 releases the GIL
+            for done, hit in enumerate(pool.map(work, range(len(paths)), chunksize=16), start=1):
+                found += hit
+                if progress is not None:
+                    progress(done)
+        images.flush()
+        os.replace(tmp, array_path)  # POSIX: renaming an open, flushed memmap is safe
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    missed = len(paths) - len(bad) - found if face_crop else 0
+    info = CacheInfo(array_path, len(paths), size, len(paths), dict(sorted(bad.items())), found, missed)
+    meta = {"count": info.count, "size": list(size), "bad": info.bad, "faces_found": found, "faces_missed": missed}
+    meta_tmp = meta_path.with_suffix(f".{uuid.uuid4().hex[:8]}.tmp")
+    meta_tmp.write_text(json.dumps(meta))
+    os.replace(meta_tmp, meta_path)  # written last: its presence marks the cache complete
+    return info

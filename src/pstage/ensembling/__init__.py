@@ -1,0 +1,1 @@
+"""Ensembles: combiners as estimators and `ensemble`."""

@@ -1,0 +1,462 @@
+"""``pstage ensemble``: blend finished runs that share a split, scored on their OOF predictions.
+
+Methods, all fitted on out-of-fold probabilities only (never on test):
+  mean   soft vote, equal weights;
+  hill   Caruana et al. (2004) greedy forward selection with replacement, maximising the CV metric
+         itself, keeping the best prefix; its weights are reported;
+  stack  a scikit-learn logistic regression on the members' log-probabilities, whose OOF is
+         produced by nested cross-validation so its score is honest.
+``calibrate`` adds per-class probability weights fitted to maximise macro F1 (scored by nested CV).
+The result is written as a run directory (run.json, folds.csv, oof.csv, test.csv, submission.csv,
+weights.csv), so it shows on the board, can be ensembled again, and served.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pstage.core.errors import ConfigError, RunError
+from pstage.core.io import now, write_csv, write_json
+from pstage.core.metrics import cv_scores, fold_macro_f1, prob_columns
+from pstage.core.tasks import Task
+from pstage.runs.rundir import RUN_FILE, RunLock, load_run_info, provenance, resolve_run, submission_frame
+
+METHODS = ("mean", "hill", "stack")
+# Multipliers tried per class and pass by the calibration's coordinate ascent (about x0.37 to x2.7).
+CALIBRATION_GRID = np.exp(np.linspace(-1.0, 1.0, 9))
+
+
+@dataclass
+class Member:
+    """One run's OOF and test probabilities, rows aligned with the first member's."""
+
+    name: str
+    path: Path
+    info: dict[str, Any]
+    oof: np.ndarray
+    test: np.ndarray | None
+
+    @property
+    def cv(self) -> float:
+        return float(self.info["cv"]["macro_f1"])
+
+
+@dataclass
+class Members:
+    """Runs checked to share classes, split and images, ready to blend."""
+
+    runs: list[Member]
+    task: Task
+    oof: pd.DataFrame  # image_id, fold, target (the first member's order)
+    folds_csv: pd.DataFrame
+    test_ids: pd.DataFrame | None
+    test_format: str
+
+    @property
+    def targets(self) -> np.ndarray:
+        return self.oof["target"].to_numpy()
+
+    @property
+    def folds(self) -> np.ndarray:
+        return self.oof["fold"].to_numpy()
+
+
+@dataclass
+class EnsembleResult:
+    """What ``ensemble`` wrote and how it scored against its members."""
+
+    name: str
+    path: Path
+    method: str
+    weights: dict[str, float]
+    cv: dict[str, Any]
+    nested_cv: float
+    members_cv: dict[str, float]
+    calibration: dict[str, Any] | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    stacker: dict[str, Any] | None = None
+
+    @property
+    def best_member(self) -> tuple[str, float]:
+        name = max(self.members_cv, key=self.members_cv.__getitem__)
+        return name, self.members_cv[name]
+
+
+def _read(path: Path, what: str) -> pd.DataFrame:
+    try:
+        return pd.read_csv(path, dtype={"image_id": str, "group": str})
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise RunError(f"{path}: unreadable {what} ({exc})") from None
+
+
+def check_same_split(first: str, a: pd.DataFrame, other: str, b: pd.DataFrame) -> None:
+    """Refuse runs whose folds.csv differ, naming the first image that differs."""
+    merged = a[["image_id", "fold"]].merge(b[["image_id", "fold"]], on="image_id", how="outer", suffixes=("_a", "_b"))
+    differs = merged[merged["fold_a"].ne(merged["fold_b"])]
+    if differs.empty:
+        return
+    row = differs.iloc[0]
+
+    def where(fold: float, run: str) -> str:
+        return f"not in {run}'s split" if pd.isna(fold) else f"in fold {int(fold)} in {run}"
+
+    raise RunError(
+        f"{first} and {other} do not share a split: image {row['image_id']} is {where(row['fold_a'], first)} but "
+        f"{where(row['fold_b'], other)}; ensemble runs trained on the same data with the same split.* settings"
+    )
+
+
+def load_members(runs: Sequence[str | Path], runs_dir: str | Path = "runs", tta: bool = False) -> Members:
+    """Open finished runs and check they can be blended: same classes, same split, same images."""
+    paths = [resolve_run(run, runs_dir) for run in runs]
+    seen: dict[Path, str] = {}
+    for run, path in zip(runs, paths, strict=True):
+        if path in seen:
+            raise ConfigError(f"run {run} is given twice (as {seen[path]} too); list each run once")
+        seen[path] = str(run)
+    suffix = "_tta" if tta else ""
+    members: list[Member] = []
+    first: dict[str, Any] = {}
+    for path in paths:
+        info = load_run_info(path)
+        name = info.get("name", path.name)
+        if info.get("status") != "done":
+            raise RunError(f"{name}: run is {info.get('status', 'unknown')}; only finished runs can be ensembled")
+        oof_path, test_path = path / f"oof{suffix}.csv", path / f"test{suffix}.csv"
+        if not oof_path.exists():
+            hint = f"run pstage predict {name} --tta first" if tta else "re-run its training to write it"
+            raise RunError(f"{name}: {oof_path.name} is missing; {hint}")
+        folds_csv = _read(path / "folds.csv", "split")
+        oof = _read(oof_path, "OOF table")
+        if not members:
+            first = {
+                "name": name,
+                "classes": info["classes"],
+                "folds": folds_csv,
+                "oof": oof[["image_id", "fold", "target"]],
+                "test": _read(test_path, "test table")[["image_id"]] if test_path.exists() else None,
+                "format": _submission_format(path),
+            }
+        else:
+            if info["classes"] != first["classes"]:
+                mismatch = next(
+                    (f"'{a}' vs '{b}'" for a, b in zip(first["classes"], info["classes"], strict=False) if a != b),
+                    f"{len(first['classes'])} vs {len(info['classes'])} classes",
+                )
+                raise RunError(
+                    f"{first['name']} and {name} predict different classes ({mismatch}); they cannot be blended"
+                )
+            check_same_split(first["name"], first["folds"], name, folds_csv)
+        probs = _aligned(oof, first["oof"]["image_id"], len(first["classes"]), name, first["name"], "OOF")
+        test = None
+        if first["test"] is not None and test_path.exists():
+            test = _aligned(
+                _read(test_path, "test table"),
+                first["test"]["image_id"],
+                len(first["classes"]),
+                name,
+                first["name"],
+                "test",
+            )
+        members.append(Member(name, path, info, probs, test))
+    if any(m.test is None for m in members):
+        for m in members:
+            m.test = None
+    task = Task.from_dict(members[0].info["task"])
+    return Members(
+        members,
+        task,
+        first["oof"].reset_index(drop=True),
+        first["folds"],
+        first["test"] if members[0].test is not None else None,
+        first["format"],
+    )
+
+
+def _aligned(table: pd.DataFrame, order: pd.Series, num_classes: int, name: str, first: str, what: str) -> np.ndarray:
+    """Probabilities of ``table`` in the order of ``order``'s image ids; refuses other image sets."""
+    indexed = table.set_index("image_id")
+    if len(indexed) != len(order) or not indexed.index.isin(order).all():
+        extra = indexed.index.difference(order)
+        missing = pd.Index(order).difference(indexed.index)
+        image = extra[0] if len(extra) else missing[0] if len(missing) else "?"
+        raise RunError(
+            f"{name} and {first} have {what} predictions for different images (first: {image}); "
+            "were they trained on the same folds (train.folds) and data?"
+        )
+    return indexed.loc[order, prob_columns(num_classes)].to_numpy(dtype=np.float64)
+
+
+def _submission_format(run_dir: Path) -> str:
+    path = run_dir / "submission.csv"
+    if path.exists() and path.read_text().split("\n", 1)[0].strip() == "ImageID,ans":
+        return "competition"
+    return "generic"
+
+
+# --- methods -----------------------------------------------------------------------------------
+
+
+def hill_climb(
+    probs: Sequence[np.ndarray], targets: np.ndarray, folds: np.ndarray, rounds: int = 50
+) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """Caruana's greedy forward selection with replacement; returns weights (sum 1) and the path.
+
+    Starts from the best single member, adds whichever member most improves the CV metric (repeats
+    allowed, which is how weights arise), and keeps the prefix with the best score, so the result
+    is never worse than the best member on the data it was fitted on.
+    """
+    scores = [fold_macro_f1(targets, p, folds) for p in probs]
+    chosen = [int(np.argmax(scores))]
+    total = probs[chosen[0]].copy()
+    history = [{"step": 1, "added": chosen[0], "score": scores[chosen[0]]}]
+    for step in range(2, rounds + 1):
+        candidates = [fold_macro_f1(targets, total + p, folds) for p in probs]  # argmax ignores the 1/n scale
+        best = int(np.argmax(candidates))
+        chosen.append(best)
+        total += probs[best]
+        history.append({"step": step, "added": best, "score": candidates[best]})
+    stop = int(np.argmax([h["score"] for h in history]))  # first best: the shortest best prefix
+    counts = np.bincount(chosen[: stop + 1], minlength=len(probs)).astype(np.float64)
+    return counts / counts.sum(), history[: stop + 1]
+
+
+def blend(probs: Sequence[np.ndarray], weights: np.ndarray) -> np.ndarray:
+    return np.tensordot(np.asarray(weights, dtype=np.float64), np.stack(probs), axes=1)
+
+
+def stack_features(probs: Sequence[np.ndarray]) -> np.ndarray:
+    return np.log(np.clip(np.concatenate(probs, axis=1), 1e-6, 1.0))
+
+
+def stack_fit(features: np.ndarray, targets: np.ndarray) -> Any:
+    """A multinomial logistic regression over the members' log-probabilities (class-balanced: macro F1)."""
+    from sklearn.linear_model import LogisticRegression
+
+    return LogisticRegression(C=1.0, max_iter=2000, class_weight="balanced").fit(features, targets)
+
+
+def stack_predict(model: Any, features: np.ndarray, num_classes: int) -> np.ndarray:
+    out = np.zeros((len(features), num_classes))
+    out[:, model.classes_] = model.predict_proba(features)  # a class absent from training gets 0
+    return out
+
+
+def calibrate_fit(probs: np.ndarray, targets: np.ndarray, folds: np.ndarray, passes: int = 3) -> np.ndarray:
+    """Per-class weights on probabilities that maximise the CV macro F1 (coordinate ascent).
+
+    Macro F1 rewards getting rare classes right more than accuracy does; scaling a rare class's
+    probability up trades a few common-class hits for many rare-class ones. No threshold to tune.
+    """
+    weights = np.ones(probs.shape[1])
+    best = fold_macro_f1(targets, probs, folds)
+    for _ in range(passes):
+        improved = False
+        for c in range(probs.shape[1]):
+            for factor in CALIBRATION_GRID:
+                trial = weights.copy()
+                trial[c] *= factor
+                score = fold_macro_f1(targets, probs * trial, folds)
+                if score > best + 1e-12:
+                    best, weights, improved = score, trial, True
+        if not improved:
+            break
+    return weights / np.exp(np.log(weights).mean())
+
+
+def calibrate_apply(probs: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    scaled = probs * weights
+    return scaled / np.clip(scaled.sum(1, keepdims=True), 1e-12, None)
+
+
+def nested_oof(
+    fit: Callable[[np.ndarray], Any], apply: Callable[[Any, np.ndarray], np.ndarray], folds: np.ndarray, shape: tuple
+) -> np.ndarray:
+    """Out-of-fold predictions of a fitted combiner: fitted on the other folds, applied to each fold."""
+    out = np.zeros(shape)
+    for k in np.unique(folds):
+        outer = folds == k
+        out[outer] = apply(fit(~outer), outer)
+    return out
+
+
+# --- the command --------------------------------------------------------------------------------
+
+
+def ensemble(
+    runs: Sequence[str | Path],
+    *,
+    method: str = "hill",
+    name: str | None = None,
+    runs_dir: str | Path = "runs",
+    out: str | Path | None = None,
+    calibrate: bool = False,
+    tta: bool = False,
+    rounds: int = 50,
+) -> EnsembleResult:
+    """Blend finished runs by ``method`` and write the ensemble as a run directory ``runs_dir/name``."""
+    started = time.time()
+    if method not in METHODS:
+        raise ConfigError(f"--method {method}: expected one of {', '.join(METHODS)}")
+    if len(runs) < 2 and not calibrate:
+        raise ConfigError("an ensemble needs at least two runs (or one run with --calibrate)")
+    if rounds < 1:
+        raise ConfigError(f"--rounds {rounds}: expected at least 1")
+    name = name or f"ens-{method}-{dt.datetime.now():%Y%m%d-%H%M%S}"
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+=-]*", name):
+        raise ConfigError(f"ensemble name '{name}': use letters, digits and . _ + = - (it becomes a folder name)")
+    run_dir = (Path(runs_dir).expanduser() / name).resolve()
+    members = load_members(runs, runs_dir, tta=tta)
+    if any(m.path == run_dir for m in members.runs):
+        raise ConfigError(f"--name {name} is one of the members; pick a new name for the ensemble")
+    if (run_dir / RUN_FILE).exists() and load_run_info(run_dir).get("kind") != "ensemble":
+        raise RunError(f"{run_dir} holds a training run; pick another --name for the ensemble")
+
+    targets, folds, probs = members.targets, members.folds, [m.oof for m in members.runs]
+    tests = [m.test for m in members.runs] if members.test_ids is not None else None
+    history: list[dict[str, Any]] = []
+    stack_model = None
+    if method == "stack":
+        features = stack_features(probs)
+        oof = nested_oof(
+            lambda rows: stack_fit(features[rows], targets[rows]),
+            lambda model, rows: stack_predict(model, features[rows], members.task.num_classes),
+            folds,
+            (len(targets), members.task.num_classes),
+        )
+        nested = fold_macro_f1(targets, oof, folds)
+        weights = np.full(len(probs), 1 / len(probs))  # the regression has no per-run weight
+        stacker = stack_fit(features, targets)
+        test = stack_predict(stacker, stack_features(tests), members.task.num_classes) if tests else None
+        # Enough to re-apply the stacker anywhere (export, serve): p = softmax(log(clip(P)) @ coef.T + intercept).
+        stack_model = {
+            "classes": stacker.classes_.tolist(),
+            "coef": stacker.coef_.round(6).tolist(),
+            "intercept": stacker.intercept_.round(6).tolist(),
+            "clip": 1e-6,
+        }
+    else:
+        if method == "hill":
+            weights, history = hill_climb(probs, targets, folds, rounds)
+            nested_probs = nested_oof(
+                lambda rows: hill_climb([p[rows] for p in probs], targets[rows], folds[rows], rounds)[0],
+                lambda w, rows: blend([p[rows] for p in probs], w),
+                folds,
+                probs[0].shape,
+            )
+            nested = fold_macro_f1(targets, nested_probs, folds)
+        else:
+            weights = np.full(len(probs), 1 / len(probs))
+        oof = blend(probs, weights)
+        if method == "mean":
+            nested = fold_macro_f1(targets, oof, folds)  # nothing fitted: in-sample is honest
+        test = blend(tests, weights) if tests else None
+
+    calibration = None
+    if calibrate:
+        before = fold_macro_f1(targets, oof, folds)
+        uncalibrated = oof
+        oof = nested_oof(
+            lambda rows: calibrate_fit(uncalibrated[rows], targets[rows], folds[rows]),
+            lambda w, rows: calibrate_apply(uncalibrated[rows], w),
+            folds,
+            oof.shape,
+        )
+        class_weights = calibrate_fit(uncalibrated, targets, folds)
+        test = calibrate_apply(test, class_weights) if test is not None else None
+        nested = fold_macro_f1(targets, oof, folds)
+        calibration = {"class_weights": class_weights.round(4).tolist(), "cv_before": before, "cv_nested": nested}
+
+    table = pd.concat(
+        [members.oof, pd.DataFrame(oof.astype(np.float32), columns=prob_columns(members.task.num_classes))], axis=1
+    )
+    cv = cv_scores(table, members.task)
+    result = EnsembleResult(
+        name=name,
+        path=run_dir,
+        method=method,
+        weights={m.name: float(w) for m, w in zip(members.runs, weights, strict=True)},
+        cv=cv,
+        nested_cv=float(nested),
+        members_cv={m.name: m.cv for m in members.runs},
+        calibration=calibration,
+        history=[{**h, "added": members.runs[h["added"]].name} for h in history],
+        stacker=stack_model,
+    )
+    _write_run(run_dir, members, table, test, result, tta, started)
+    if out is not None:
+        target = Path(out)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(run_dir / "submission.csv", target)
+    return result
+
+
+def _write_run(
+    run_dir: Path,
+    members: Members,
+    oof: pd.DataFrame,
+    test: np.ndarray | None,
+    result: EnsembleResult,
+    tta: bool,
+    started: float,
+) -> None:
+    """The ensemble as a run directory; run.json last, so a crash never leaves a 'done' half-run."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with RunLock(run_dir):
+        (run_dir / RUN_FILE).unlink(missing_ok=True)
+        for stale in ("test.csv", "submission.csv"):
+            (run_dir / stale).unlink(missing_ok=True)
+        write_csv(run_dir / "folds.csv", members.folds_csv)
+        write_csv(run_dir / "oof.csv", oof, float_format="%.6g")
+        if test is not None and members.test_ids is not None:
+            cols = prob_columns(members.task.num_classes)
+            frame = pd.concat([members.test_ids.reset_index(drop=True), pd.DataFrame(test, columns=cols)], axis=1)
+            write_csv(run_dir / "test.csv", frame, float_format="%.6g")
+            write_csv(
+                run_dir / "submission.csv",
+                submission_frame(members.test_ids, test, members.task, members.test_format),
+            )
+        weights = pd.DataFrame(
+            {
+                "run": [m.name for m in members.runs],
+                "weight": [result.weights[m.name] for m in members.runs],
+                "cv_macro_f1": [m.cv for m in members.runs],
+                "path": [str(m.path) for m in members.runs],
+            }
+        )
+        write_csv(run_dir / "weights.csv", weights)
+        info = {
+            "name": result.name,
+            "kind": "ensemble",
+            "status": "done",
+            "created": now(),
+            "finished": now(),
+            **provenance(),
+            "model": f"{result.method} of {len(members.runs)} runs",
+            "image_size": None,
+            "epochs": None,
+            "task": members.task.to_dict(),
+            "classes": members.task.classes,
+            "cv": result.cv,
+            "ensemble": {
+                "method": result.method,
+                "tta": tta,
+                "members": weights.to_dict("records"),
+                "nested_cv_macro_f1": result.nested_cv,
+                "history": result.history,
+                "calibration": result.calibration,
+                "stacker": result.stacker,
+            },
+            "duration_s": round(time.time() - started, 2),
+        }
+        write_json(run_dir / RUN_FILE, info)

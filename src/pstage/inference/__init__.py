@@ -1,0 +1,1 @@
+"""Inference: probabilities from a run's fold checkpoints (TTA), submissions."""

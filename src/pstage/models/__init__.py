@@ -1,0 +1,1 @@
+"""Models: timm backbone + heads, losses, the LightningModule, checkpoint loading."""

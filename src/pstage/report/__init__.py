@@ -1,0 +1,1 @@
+"""Reports: HTML pages, EDA, run report, label audit, the board, console summaries."""

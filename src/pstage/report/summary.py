@@ -1,0 +1,86 @@
+"""Console summaries: one run's CV (per fold, per task) and an ensemble against its members."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from rich.table import Table
+
+from pstage.core.console import console
+from pstage.runs.rundir import load_run_info
+
+if TYPE_CHECKING:
+    from pstage.ensembling.ensemble import EnsembleResult
+
+
+def print_run(run_dir: str | Path) -> None:
+    """CV macro F1 (mean ± std over folds, pooled OOF), per-fold and per-task scores, output files."""
+    run_dir = Path(run_dir)
+    info = load_run_info(run_dir)
+    cv = info.get("cv") or {}
+    console.print(
+        f"[bold]{info['name']}[/]: CV macro F1 {cv.get('macro_f1', float('nan')):.4f} ± {cv.get('macro_f1_std', float('nan')):.4f}"
+        f" (mean ± std over folds; pooled OOF {cv.get('oof_macro_f1', float('nan')):.4f})"
+    )
+    table = Table()
+    table.add_column("fold", justify="right")
+    table.add_column("macro F1", justify="right")
+    table.add_column("images", justify="right")
+    table.add_column("best epoch", justify="right")
+    table.add_column("time", justify="right")
+    for fold in cv.get("folds", []):
+        best = fold.get("best_epoch")
+        table.add_row(
+            str(fold["fold"]),
+            f"{fold['macro_f1']:.4f}",
+            f"{fold['images']:,}",
+            "-" if best is None else str(best + 1),
+            f"{fold.get('duration_s') or 0:.0f}s",
+        )
+    table.add_row(
+        "OOF", f"{cv.get('oof_macro_f1', float('nan')):.4f}", "", "", f"{info.get('duration_s', 0):.0f}s", style="bold"
+    )
+    console.print(table)
+    if cv.get("per_task"):
+        console.print(
+            "per task macro F1: " + ", ".join(f"{head} {score:.4f}" for head, score in cv["per_task"].items())
+        )
+    for skipped in info.get("skipped", [])[:5]:
+        console.print(f"[yellow]skipped:[/] {skipped}")
+    files = [f for f in ("submission.csv", "oof.csv", "test.csv", "run.json") if (run_dir / f).exists()]
+    console.print(f"files: {run_dir}/{{{','.join(files)}}}  (TensorBoard: tensorboard --logdir {run_dir / 'logs'})")
+
+
+def print_ensemble(result: EnsembleResult) -> None:
+    """Members with their CV and weight, then the ensemble's CV against the best member's."""
+    table = Table(title=f"{result.name}: {result.method} of {len(result.members_cv)} runs", title_justify="left")
+    table.add_column("member")
+    table.add_column("CV macro F1", justify="right")
+    table.add_column("weight", justify="right")
+    for name, cv in sorted(result.members_cv.items(), key=lambda item: -item[1]):
+        table.add_row(name, f"{cv:.4f}", f"{result.weights[name]:.3f}")
+    console.print(table)
+    best_name, best_cv = result.best_member
+    cv = result.cv
+    console.print(
+        f"[bold]ensemble CV macro F1 {cv['macro_f1']:.4f}[/] ± {cv['macro_f1_std']:.4f} "
+        f"(best member {best_name} {best_cv:.4f}, {cv['macro_f1'] - best_cv:+.4f})"
+    )
+    if result.method == "hill":
+        console.print(
+            f"  nested CV {result.nested_cv:.4f} (weights chosen without the scored fold: the honest estimate)"
+        )
+    elif result.method == "stack":
+        console.print("  the stacker's OOF comes from nested CV (fitted without the scored fold), so its CV is honest")
+    if result.calibration:
+        c = result.calibration
+        console.print(
+            f"  per-class calibration: CV {c['cv_before']:.4f} -> {c['cv_nested']:.4f} (nested: weights fitted without the scored fold)"
+        )
+    if cv.get("per_task"):
+        console.print("  per task macro F1: " + ", ".join(f"{h} {v:.4f}" for h, v in cv["per_task"].items()))
+    files = [
+        f for f in ("submission.csv", "oof.csv", "test.csv", "weights.csv", "run.json") if (result.path / f).exists()
+    ]
+    console.print(f"files: {result.path}/{{{','.join(files)}}}")

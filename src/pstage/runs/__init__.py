@@ -1,0 +1,1 @@
+"""The run directory: the contract every stage meets at."""

@@ -1,0 +1,1 @@
+"""Training: recipes, one fit path, `train` (folds, resume, final fit)."""

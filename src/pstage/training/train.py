@@ -1,0 +1,846 @@
+"""``pstage train``: cross-validated training of one run, fold by fold, resumable after any crash.
+
+Flow: config -> source table -> decoded cache -> person-grouped folds -> per fold a Lightning fit,
+then OOF and test probabilities from the fold's best checkpoint -> run outputs (oof.csv, test.csv,
+submission.csv) -> run.json, written last. A fold is finished when its metrics.json exists;
+re-running the same command skips finished folds and resumes the others from last.ckpt.
+
+Under DDP every process runs this same code (Lightning re-launches the command); only rank 0
+writes run files, predicts and reports.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import difflib
+import json
+import os
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pstage.core.compat  # noqa: F401
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import torch
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks.weight_averaging import EMAWeightAveraging
+
+from pstage.config import Config, diff_configs, dump_config, load_config
+from pstage.core.console import console, quiet_lightning
+from pstage.core.devices import inference_device, is_rank_zero, resolve_precision
+from pstage.core.errors import ConfigError, DataError, RunError
+from pstage.core.io import now, read_json, write_csv, write_json
+from pstage.core.metrics import cv_scores, macro_f1, prob_columns
+from pstage.data.augment import build_transforms
+from pstage.data.cache import CacheInfo
+from pstage.data.datasets import CachedImages, FoldData, resolve_workers
+from pstage.data.prepare import prepare_caches
+from pstage.data.sources import Source, detect_kind, load_source
+from pstage.data.split import check_folds, make_folds
+from pstage.inference.predict import blend_final, predict_probs
+from pstage.models.checkpoint import load_fold_module
+from pstage.models.classifier import check_model_name, head_task
+from pstage.models.losses import balanced_weights
+from pstage.runs.rundir import RUN_FILE, RunLock, load_run_info, provenance, submission_frame
+from pstage.training.recipes import (
+    PseudoLabels,
+    borderline_mask,
+    check_recipe_data,
+    check_recipes,
+    final_epochs,
+    pseudo_labels,
+    resolve_teacher,
+)
+
+RUN_NAME_ENV = "PSTAGE_RUN_NAME"  # passes an auto-generated name to the processes DDP launches
+# Keys that may change between attempts of one run: where things are, how fast, which folds.
+RESUMABLE_KEYS = (
+    "data.path",
+    "data.cache_dir",
+    "train.num_workers",
+    "train.progress",
+    "train.accelerator",
+    "train.devices",
+    "train.strategy",
+    "train.num_nodes",
+    "train.folds",
+    "log.",
+    "tta.",  # prediction-time settings
+    "tune.",  # the search space is the study's, not the run's
+)
+
+
+@dataclass
+class RunResult:
+    """What a finished ``train`` produced."""
+
+    name: str
+    path: Path
+    status: str
+    cv: dict[str, Any]
+    duration_s: float
+    skipped: list[str] = field(default_factory=list)
+
+    @property
+    def submission(self) -> Path | None:
+        path = self.path / "submission.csv"
+        return path if path.exists() else None
+
+
+def check_optimizer(name: str) -> None:
+    from timm.optim import list_optimizers
+
+    names = list_optimizers()
+    if name.lower() not in names:
+        near = difflib.get_close_matches(name.lower(), names, n=2)
+        raise ConfigError(
+            f"optim.name: timm has no optimizer '{name}'"
+            + (f"; did you mean {', '.join(near)}?" if near else f" (some: {', '.join(names[:12])})")
+        )
+
+
+def default_name(cfg: Config) -> str:
+    return f"{cfg.model.name}-{dt.datetime.now():%Y%m%d-%H%M%S}"
+
+
+def train(
+    config: str | Path | dict[str, Any] | Config | None = None,
+    *,
+    data: str | Path | None = None,
+    runs: str | Path = "runs",
+    name: str | None = None,
+    overrides: list[str] | tuple[str, ...] | dict[str, Any] = (),
+    fold_callbacks: Callable[[int], Sequence[Callback]] | None = None,
+) -> RunResult | None:
+    """Train a cross-validated run into ``runs/<name>`` and return its result.
+
+    Re-running with the same name resumes: finished folds are kept, an unfinished fold continues
+    from its last checkpoint. Returns None in the non-zero ranks of a DDP run.
+    ``fold_callbacks(k)`` may add Lightning callbacks to fold k's Trainer (``pstage tune`` reports
+    every epoch to Optuna through it and prunes by raising from it).
+    """
+    quiet_lightning()
+    cfg = load_config(config, overrides)
+    if data is not None:
+        cfg.data.path = str(data)
+    if not cfg.data.path:
+        raise DataError("no data given: pass --data DIR (or set data.path in the config)")
+    cfg.data.path = str(Path(cfg.data.path).expanduser().resolve())
+    if cfg.data.relabel:
+        cfg.data.relabel = str(Path(cfg.data.relabel).expanduser().resolve())
+    if not Path(cfg.data.path).exists():
+        raise DataError(f"data path {cfg.data.path} does not exist")
+    check_model_name(cfg.model.name)
+    check_optimizer(cfg.optim.name)
+    if cfg.data.borderline.years or cfg.model.age_head == "regress":  # recipes that need numeric ages
+        check_recipe_data(cfg, cfg.data.source if cfg.data.source != "auto" else detect_kind(Path(cfg.data.path)))
+    resolve_teacher(cfg, runs)
+    rank0 = is_rank_zero()
+    name = name or (None if rank0 else os.environ.get(RUN_NAME_ENV)) or default_name(cfg)
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+=-]*", name):
+        raise ConfigError(f"run name '{name}': use letters, digits and . _ + = - (it becomes a folder name)")
+    run_dir = (Path(runs).expanduser() / name).resolve()
+    if not rank0:
+        _run(cfg, run_dir, rank0=False, fold_callbacks=fold_callbacks)
+        return None
+    os.environ[RUN_NAME_ENV] = name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with RunLock(run_dir):
+        return _run(cfg, run_dir, rank0=True, fold_callbacks=fold_callbacks)
+
+
+def _start(cfg: Config, run_dir: Path) -> dict[str, Any]:
+    """Create or re-open the run: refuse changed settings, write config.yaml and a running run.json."""
+    info: dict[str, Any] = {}
+    if (run_dir / RUN_FILE).exists():
+        info = load_run_info(run_dir)
+        saved = load_config(run_dir / "config.yaml").to_dict()
+        changes = [c for c in diff_configs(saved, cfg.to_dict()) if not c[0].startswith(RESUMABLE_KEYS)]
+        if changes:
+            key, old, new = changes[0]
+            more = f" (and {len(changes) - 1} more)" if len(changes) > 1 else ""
+            raise RunError(
+                f"{run_dir} was trained with {key}={old}; this command asks {key}={new}{more}: use a new --name, or the run's own settings to resume it"
+            )
+    elif any(p.name != ".lock" for p in run_dir.iterdir()):
+        raise RunError(f"{run_dir} exists and is not a pstage run; choose another --name")
+    dump_config(cfg, run_dir / "config.yaml")
+    return info
+
+
+def _write_status(run_dir: Path, info: dict[str, Any], status: str, **extra: Any) -> dict[str, Any]:
+    info = {**{k: v for k, v in info.items() if k != "error"}, **extra, "status": status}
+    write_json(run_dir / RUN_FILE, info)
+    return info
+
+
+def _run(
+    cfg: Config,
+    run_dir: Path,
+    rank0: bool,
+    fold_callbacks: Callable[[int], Sequence[Callback]] | None = None,
+) -> RunResult | None:
+    """The run's life: start (or resume), folds, outputs, run.json.
+
+    run.json is written before anything else, so a run killed at any point is recognised and
+    resumed. A run that was already done keeps its run.json until the new state is done too:
+    re-running it (more folds, moved data) never hides finished results behind "failed".
+    """
+    started = time.time()
+    previous = _start(cfg, run_dir) if rank0 else {}
+    was_done = previous.get("status") == "done"
+    spent_before = float(previous.get("duration_s", 0.0))
+    info: dict[str, Any] = {
+        "name": run_dir.name,
+        "status": "running",
+        "created": previous.get("created", now()),
+        "finished": None,
+        **provenance(),
+        "model": cfg.model.name,
+        "image_size": list(cfg.data.image_size),
+        "epochs": cfg.train.epochs,
+        "duration_s": spent_before,
+    }
+
+    def record(status: str, **extra: Any) -> None:
+        nonlocal info
+        if rank0 and not (was_done and status != "done"):
+            info = _write_status(run_dir, info, status, duration_s=spent_before + time.time() - started, **extra)
+
+    record("running")
+    precision = resolve_precision(cfg.train.precision, cfg.train.accelerator)
+    wanted = cfg.train.folds if cfg.train.folds is not None else list(range(cfg.split.folds))
+    if rank0:
+        console.print(
+            f"[bold]{run_dir.name}[/]: {cfg.model.name} {cfg.data.image_size[0]}x{cfg.data.image_size[1]}, "
+            f"{len(wanted)} fold(s) x {cfg.train.epochs} epochs, precision {precision} -> {run_dir}"
+        )
+    try:
+        source = load_source(cfg.data)
+        check_recipes(cfg, source)
+        info.update(task=source.task.to_dict(), classes=source.task.classes)
+        source, train_cache, test_cache = prepare_caches(source, cfg, verbose=rank0)
+        folds = _folds(source, cfg, run_dir, rank0)
+        pending = [k for k in wanted if not (run_dir / f"fold_{k}" / "metrics.json").exists()]
+        final_pending = cfg.train.final_fit != "off" and not (run_dir / FINAL_DIR / "metrics.json").exists()
+        pseudo = pseudo_labels(cfg, source)
+        if pseudo is not None and rank0:
+            console.print(
+                f"  pseudo-labels: {len(pseudo)}/{pseudo.total} test images with teacher confidence >= {cfg.pseudo.threshold:g} join every training fold"
+            )
+        info["resolved"] = {
+            "precision": precision,
+            "num_workers": resolve_workers(cfg.train.num_workers, build_transforms(cfg.augment) is not None),
+        }
+        if rank0:
+            if was_done and not pending and not final_pending:
+                console.print(f"  already done (CV macro F1 {previous['cv']['macro_f1']:.4f}); nothing to train")
+                return _result(run_dir, previous)
+            done = sorted(set(wanted) - set(pending))
+            if done:
+                console.print(f"  resuming (folds {', '.join(map(str, done))} already done)")
+            record("running")
+        for k in pending:
+            fit_fold(
+                k, cfg, source, folds, train_cache, test_cache, run_dir, precision, rank0, fold_callbacks, pseudo=pseudo
+            )
+            record("running")
+        if final_pending:
+            fit_final(cfg, source, train_cache, test_cache, run_dir, precision, rank0, pseudo)
+        if not rank0:
+            return None
+        cv = _write_outputs(run_dir, source, test_cache, cfg.train.final_fit)
+        recipes = _recipes_summary(cfg, run_dir, pseudo)
+        record(
+            "done",
+            cv=cv,
+            **({"recipes": recipes} if recipes else {}),
+            finished=now(),
+            folds_trained=_finished_folds(run_dir),
+            data=_data_summary(source, test_cache),
+            skipped=source.skipped,
+        )
+        return _result(run_dir, info)
+    except BaseException as exc:
+        reason = "interrupted" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else f"{type(exc).__name__}: {exc}"
+        record("failed", error=reason)
+        raise
+
+
+def _result(run_dir: Path, info: dict[str, Any]) -> RunResult:
+    return RunResult(
+        info["name"],
+        run_dir,
+        info["status"],
+        info.get("cv", {}),
+        float(info.get("duration_s", 0.0)),
+        info.get("skipped", []),
+    )
+
+
+def _data_summary(source: Source, test_cache: CacheInfo | None) -> dict[str, Any]:
+    return {
+        "path": str(source.root),
+        "kind": source.kind,
+        "train_images": len(source.train),
+        "groups": int(source.train["group"].nunique()),
+        "test_images": test_cache.count if test_cache else 0,
+    }
+
+
+def _finished_folds(run_dir: Path) -> list[int]:
+    return sorted(int(p.parent.name.split("_")[1]) for p in run_dir.glob("fold_*/metrics.json"))
+
+
+def _folds(source: Source, cfg: Config, run_dir: Path, rank0: bool) -> pd.DataFrame:
+    if cfg.distill.teacher:  # a student trains on its teacher's exact split
+        from pstage.training.teacher import teacher_folds
+
+        folds = teacher_folds(source, cfg)
+    else:
+        folds = make_folds(source, cfg.split.folds, cfg.split.seed)
+    saved = run_dir / "folds.csv"
+    if saved.exists():
+        check_folds(pd.read_csv(saved, dtype={"image_id": str, "group": str}), folds, str(saved))
+    elif rank0:
+        write_csv(saved, folds)
+    return folds
+
+
+class FoldReport(Callback):
+    """Per epoch: one console line, and a line in fold_<k>/history.jsonl (kept across resumes)."""
+
+    def __init__(self, fold: int, fold_dir: Path, best: ModelCheckpoint, print_lines: bool):
+        self.fold, self.fold_dir, self.best, self.print_lines = fold, fold_dir, best, print_lines
+        self.resumed_from_epoch: int | None = None
+        self._started = time.time()
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.current_epoch > 0:
+            self.resumed_from_epoch = trainer.current_epoch
+            if trainer.is_global_zero:
+                console.print(
+                    f"  fold {self.fold}: resumed from last.ckpt at epoch {trainer.current_epoch}/{trainer.max_epochs}"
+                )
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._started = time.time()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        m = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        row = {
+            "epoch": trainer.current_epoch,
+            "train_loss": m.get("train/loss"),
+            "val_loss": m.get("val/loss"),
+            "val_macro_f1": m.get("val/macro_f1"),
+            "seconds": round(time.time() - self._started, 2),
+        }
+        with open(self.fold_dir / "history.jsonl", "a") as handle:
+            handle.write(json.dumps(row) + "\n")
+        if self.print_lines:
+            best = (
+                self.best.best_model_score is not None
+                and row["val_macro_f1"] is not None
+                and abs(float(self.best.best_model_score) - row["val_macro_f1"]) < 1e-9
+            )
+            console.print(
+                f"  fold {self.fold} epoch {trainer.current_epoch + 1:>2}/{trainer.max_epochs}  train loss {row['train_loss'] or float('nan'):.3f}  val loss {row['val_loss'] or float('nan'):.3f}  "
+                f"val macro F1 {row['val_macro_f1'] or float('nan'):.4f}{' *' if best else '  '}  {row['seconds']:.1f}s"
+            )
+
+
+def read_history(fold_dir: Path) -> list[dict[str, Any]]:
+    """Epoch rows of a fold, the last write of each epoch winning (a resume may repeat one)."""
+    path = fold_dir / "history.jsonl"
+    if not path.exists():
+        return []
+    rows = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            rows[row["epoch"]] = row
+    return [rows[e] for e in sorted(rows)]
+
+
+def make_loggers(cfg: Config, run_dir: Path, fold: int) -> list[Any]:
+    """TensorBoard by default; CSV, W&B (offline-safe via WANDB_MODE) and MLflow when configured."""
+    loggers: list[Any] = []
+    for kind in dict.fromkeys(cfg.log.loggers):
+        try:
+            if kind == "tensorboard":
+                from lightning.pytorch.loggers import TensorBoardLogger
+
+                loggers.append(TensorBoardLogger(run_dir, name="logs", version=f"fold_{fold}", default_hp_metric=False))
+            elif kind == "csv":
+                from lightning.pytorch.loggers import CSVLogger
+
+                loggers.append(CSVLogger(run_dir / "logs", name="csv", version=f"fold_{fold}"))
+            elif kind == "wandb":
+                import wandb  # noqa: F401
+                from lightning.pytorch.loggers import WandbLogger
+
+                (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+                loggers.append(
+                    WandbLogger(
+                        project=cfg.log.wandb_project,
+                        name=f"{run_dir.name}/fold_{fold}",
+                        group=run_dir.name,
+                        save_dir=str(run_dir / "logs"),
+                    )
+                )
+            elif kind == "mlflow":
+                import mlflow  # noqa: F401
+                from lightning.pytorch.loggers import MLFlowLogger
+
+                # One SQLite store per runs folder (MLflow 3 refuses its old file store): `mlflow ui
+                # --backend-store-uri sqlite:///runs/mlflow.db` then shows every run of the folder.
+                uri = cfg.log.mlflow_tracking_uri or f"sqlite:///{run_dir.parent / 'mlflow.db'}"
+                loggers.append(
+                    MLFlowLogger(
+                        experiment_name="pstage",
+                        run_name=f"{run_dir.name}/fold_{fold}",
+                        tracking_uri=uri,
+                        artifact_location=(run_dir.parent / "mlartifacts").as_uri(),
+                        tags={"run": run_dir.name, "fold": str(fold)},
+                    )
+                )
+            if kind in ("wandb", "mlflow"):
+                loggers[-1].experiment  # noqa: B018  (start it now: a bad URI or login fails here, not mid-fit)
+        except ImportError:
+            raise ConfigError(
+                f"log.loggers includes {kind}, which is not installed: pip install 'pstage[trackers]' (or remove it from log.loggers)"
+            ) from None
+        except Exception as exc:
+            message = " ".join(str(exc).split())[:300]
+            raise ConfigError(
+                f"log.loggers: {kind} could not start ({message}); check log.* or remove it from log.loggers"
+            ) from None
+    return loggers
+
+
+def _class_weights(cfg: Config, source: Source, targets: np.ndarray) -> dict[str, list[float]] | None:
+    if cfg.loss.class_weights != "balanced":
+        return None
+    heads = head_task(source.task, cfg.model.head)
+    out = {}
+    for head, head_targets in heads.head_targets(targets).items():
+        out[head] = balanced_weights(torch.as_tensor(head_targets), len(heads.heads[head])).tolist()
+    return out
+
+
+def _teacher_labels(cfg: Config, rows: pd.DataFrame) -> np.ndarray:
+    from pstage.training.teacher import teacher_probs
+
+    return teacher_probs(cfg, rows["image_id"])
+
+
+def make_trainer(
+    cfg: Config,
+    precision: str,
+    callbacks: list[Callback],
+    epochs: int,
+    samples: int,
+    loggers: list[Any],
+    root: Path,
+    **extra: Any,
+) -> L.Trainer:
+    """The Trainer every model of a run is fitted with (folds and the final fit): flags from train.*."""
+    return L.Trainer(
+        max_epochs=epochs,
+        accelerator=cfg.train.accelerator,
+        devices=cfg.train.devices,
+        strategy=cfg.train.strategy,
+        num_nodes=cfg.train.num_nodes,
+        precision=precision,
+        accumulate_grad_batches=cfg.train.accumulate_grad_batches,
+        gradient_clip_val=cfg.train.gradient_clip_val,
+        callbacks=callbacks,
+        logger=loggers or False,
+        enable_progress_bar=_progress_mode(cfg) == "bar",
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        log_every_n_steps=min(50, max(1, samples // cfg.train.batch_size)),
+        default_root_dir=root,
+        **extra,
+    )
+
+
+def _progress_mode(cfg: Config) -> str:
+    mode = cfg.train.progress
+    if mode == "auto":
+        return "bar" if console.is_terminal else "epoch"
+    return mode
+
+
+FINAL_DIR = "final"  # the final-fit model (not fold_*: every fold_* consumer keeps its meaning)
+
+
+@dataclass
+class TrainingRows:
+    """What one model trains on: its rows of the training table (after the borderline recipe), their
+    per-image extras for the loss, and the pseudo-labelled test images as a second dataset."""
+
+    rows: pd.DataFrame
+    extras: dict[str, np.ndarray]
+    borderline: int  # training images dropped or down-weighted as borderline ages
+    pseudo: CachedImages | None = None
+
+    @property
+    def count(self) -> int:
+        return len(self.rows) + (len(self.pseudo) if self.pseudo is not None else 0)
+
+
+def training_rows(
+    cfg: Config,
+    source: Source,
+    rows: pd.DataFrame,
+    test_cache: CacheInfo | None = None,
+    pseudo: PseudoLabels | None = None,
+    transform: Any = None,
+) -> TrainingRows:
+    """The training side of a fold (or of the final fit): borderline ages out or down-weighted,
+    ages for a regression head, pseudo-labelled test images. Validation rows never pass here."""
+    extras: dict[str, np.ndarray] = {}
+    border = 0
+    if cfg.data.borderline.years:
+        band = borderline_mask(rows["age"].to_numpy(), cfg)
+        border = int(band.sum())
+        if cfg.data.borderline.mode == "drop":
+            rows = rows[~band]
+        else:
+            extras["weight"] = np.where(band, cfg.data.borderline.weight, 1.0)
+    if cfg.model.age_head == "regress":
+        extras["age"] = rows["age"].to_numpy(dtype=np.float32)
+    extra = None
+    if pseudo is not None and len(pseudo) and test_cache is not None:
+        pseudo_extras = {}
+        if "weight" in extras:
+            pseudo_extras["weight"] = np.ones(len(pseudo))
+        if cfg.pseudo.soft:
+            extras["soft"] = np.eye(source.task.num_classes)[rows["target"].to_numpy()]
+            pseudo_extras["soft"] = pseudo.probs
+        extra = CachedImages(test_cache.path, pseudo.rows, pseudo.targets, transform, extras=pseudo_extras)
+    return TrainingRows(rows, extras, border, extra)
+
+
+def fit_fold(
+    k: int,
+    cfg: Config,
+    source: Source,
+    folds: pd.DataFrame,
+    train_cache: CacheInfo,
+    test_cache: CacheInfo | None,
+    run_dir: Path,
+    precision: str,
+    rank0: bool,
+    fold_callbacks: Callable[[int], Sequence[Callback]] | None = None,
+    *,
+    pseudo: PseudoLabels | None = None,
+) -> None:
+    """Train fold ``k`` (resuming from last.ckpt if present); on rank 0 then write its predictions."""
+    from pstage.models.module import ClassifierModule
+
+    started = time.time()
+    fold_dir = run_dir / f"fold_{k}"
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    is_val = (folds["fold"] == k).to_numpy()
+    transform = build_transforms(cfg.augment, seed=cfg.seed + k)
+    training = training_rows(cfg, source, source.train[~is_val], test_cache, pseudo, transform)
+    train_rows, val_rows = training.rows, source.train[is_val]
+    L.seed_everything(cfg.seed + k, workers=True, verbose=False)
+    module = ClassifierModule(
+        cfg.to_dict(), source.task.to_dict(), _class_weights(cfg, source, train_rows["target"].to_numpy())
+    )
+    if cfg.model.age_head == "regress":  # standardise ages with the training fold's own statistics
+        module.model.heads["age"].set_stats(train_rows["age"].to_numpy(dtype=np.float32))
+    datamodule = FoldData(
+        train_cache.path,
+        train_rows["cache_row"].to_numpy(),
+        train_rows["target"].to_numpy(),
+        val_rows["cache_row"].to_numpy(),
+        val_rows["target"].to_numpy(),
+        cfg,
+        transform,
+        _teacher_labels(cfg, train_rows) if cfg.distill.teacher else None,
+        training.extras,
+        training.pseudo,
+    )
+    best = ModelCheckpoint(
+        dirpath=fold_dir,
+        filename="best",
+        monitor="val/macro_f1",
+        mode="max",
+        save_top_k=1,
+        save_weights_only=True,
+        enable_version_counter=False,
+        auto_insert_metric_name=False,
+    )
+    last = ModelCheckpoint(dirpath=fold_dir, filename="last", monitor=None, save_top_k=1, enable_version_counter=False)
+    mode = _progress_mode(cfg)
+    report = FoldReport(k, fold_dir, best, print_lines=mode == "epoch")
+    callbacks: list[Callback] = [best, last, report, *(fold_callbacks(k) if fold_callbacks else ())]
+    if mode == "bar":
+        callbacks.append(RichProgressBar(leave=True))
+    if cfg.train.early_stopping:
+        callbacks.append(EarlyStopping(monitor="val/macro_f1", mode="max", patience=cfg.train.early_stopping))
+    if cfg.train.ema:
+        callbacks.append(EMAWeightAveraging(decay=cfg.train.ema_decay))
+    trainer = make_trainer(
+        cfg, precision, callbacks, cfg.train.epochs, training.count, make_loggers(cfg, run_dir, k), fold_dir
+    )
+    if cfg.train.compile:
+        module.model = torch.compile(module.model)
+    resume = fold_dir / "last.ckpt"
+    notes = _recipe_notes(cfg, training)
+    if rank0 and mode != "none":
+        console.print(
+            f"[bold]fold {k}[/]: {len(train_rows):,} train / {len(val_rows):,} validation images{notes['line']}"
+        )
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume.exists() else None)
+    for logger in trainer.loggers:
+        logger.finalize("success")
+    if not rank0:
+        return
+    _predict_fold(
+        k, cfg, source, val_rows, train_cache, test_cache, fold_dir, precision, best, report, started, notes["metrics"]
+    )
+
+
+def _recipe_notes(cfg: Config, training: TrainingRows) -> dict[str, Any]:
+    """What the recipes changed in a model's training images: a console suffix and metrics.json keys."""
+    metrics: dict[str, Any] = {}
+    parts = []
+    if cfg.data.borderline.years:
+        verb = "dropped" if cfg.data.borderline.mode == "drop" else f"weighted {cfg.data.borderline.weight:g}"
+        metrics["borderline_images"] = training.borderline
+        parts.append(f"{training.borderline} borderline-age images {verb}")
+    if training.pseudo is not None:
+        metrics["pseudo_images"] = len(training.pseudo)
+        parts.append(f"+{len(training.pseudo)} pseudo-labelled test images")
+    if metrics:
+        metrics["train_images"] = training.count
+    return {"metrics": metrics, "line": f" ({', '.join(parts)})" if parts else ""}
+
+
+def _predict_fold(
+    k: int,
+    cfg: Config,
+    source: Source,
+    val_rows: pd.DataFrame,
+    train_cache: CacheInfo,
+    test_cache: CacheInfo | None,
+    fold_dir: Path,
+    precision: str,
+    best: ModelCheckpoint,
+    report: FoldReport,
+    started: float,
+    extra_metrics: dict[str, Any] | None = None,
+) -> None:
+    """OOF and test probabilities from the fold's best weights; metrics.json last (marks the fold done)."""
+    model = load_fold_module(fold_dir / "best.ckpt")
+    device = inference_device(cfg.train.accelerator)
+    batch = cfg.train.batch_size * 2
+    oof = predict_probs(
+        model, train_cache.path, val_rows["cache_row"].to_numpy(), batch_size=batch, device=device, precision=precision
+    )
+    cols = prob_columns(source.task.num_classes)
+    frame = pd.concat(
+        [
+            pd.DataFrame(
+                {"image_id": val_rows["image_id"].to_numpy(), "fold": k, "target": val_rows["target"].to_numpy()}
+            ),
+            pd.DataFrame(oof, columns=cols),
+        ],
+        axis=1,
+    )
+    write_csv(fold_dir / "oof.csv", frame, float_format="%.6g")
+    if test_cache is not None:
+        probs = predict_probs(
+            model, test_cache.path, np.arange(test_cache.count), batch_size=batch, device=device, precision=precision
+        )
+        tmp = fold_dir / ".test.tmp.npy"
+        np.save(tmp, probs.astype(np.float32))
+        os.replace(tmp, fold_dir / "test.npy")
+    history = read_history(fold_dir)
+    score = macro_f1(frame["target"].to_numpy(), oof.argmax(1))
+    best_epoch = max(history, key=lambda r: r["val_macro_f1"] or -1)["epoch"] if history else None
+    metrics = {
+        "fold": k,
+        "macro_f1": score,
+        "best_epoch": best_epoch,
+        "epochs_run": len(history),
+        "val_images": len(val_rows),
+        "resumed_from_epoch": report.resumed_from_epoch,
+        "duration_s": round(time.time() - started, 2),
+        **(extra_metrics or {}),
+        "history": history,
+    }
+    write_json(fold_dir / "metrics.json", metrics)
+    # The fold is finished: last.ckpt (weights + optimizer state, ~3x best.ckpt) has done its job.
+    (fold_dir / "last.ckpt").unlink(missing_ok=True)
+    console.print(
+        f"  fold {k} done: macro F1 {score:.4f} (best epoch {None if best_epoch is None else best_epoch + 1}) in {metrics['duration_s']:.0f}s"
+    )
+
+
+def fit_final(
+    cfg: Config,
+    source: Source,
+    train_cache: CacheInfo,
+    test_cache: CacheInfo | None,
+    run_dir: Path,
+    precision: str,
+    rank0: bool,
+    pseudo: PseudoLabels | None = None,
+) -> None:
+    """``train.final_fit``: one model on every training person for the folds' median best epoch count.
+
+    Nothing is validated (there is no held-out person left); the epoch count comes from the CV.
+    Writes final/model.ckpt (weights) and final/test.npy, then final/metrics.json (marks it done).
+    """
+    from pstage.models.module import ClassifierModule
+
+    started = time.time()
+    final_dir = run_dir / FINAL_DIR
+    final_dir.mkdir(parents=True, exist_ok=True)
+    fold_metrics = [read_json(run_dir / f"fold_{k}" / "metrics.json") for k in _finished_folds(run_dir)]
+    epochs = final_epochs(fold_metrics, cfg.train.epochs)
+    transform = build_transforms(cfg.augment, seed=cfg.seed + cfg.split.folds)
+    training = training_rows(cfg, source, source.train, test_cache, pseudo, transform)
+    rows = training.rows
+    L.seed_everything(cfg.seed + cfg.split.folds, workers=True, verbose=False)  # a seed no fold uses
+    final_cfg = cfg.model_copy(deep=True)
+    final_cfg.train.epochs = epochs  # the schedule (warm-up, cosine) spans the epochs it trains
+    module = ClassifierModule(
+        final_cfg.to_dict(), source.task.to_dict(), _class_weights(cfg, source, rows["target"].to_numpy())
+    )
+    if cfg.model.age_head == "regress":
+        module.model.heads["age"].set_stats(rows["age"].to_numpy(dtype=np.float32))
+    empty = np.zeros(0, np.int64)
+    datamodule = FoldData(
+        train_cache.path,
+        rows["cache_row"].to_numpy(),
+        rows["target"].to_numpy(),
+        empty,
+        empty,
+        cfg,
+        transform,
+        _teacher_labels(cfg, rows) if cfg.distill.teacher else None,
+        training.extras,
+        training.pseudo,
+    )
+    last = ModelCheckpoint(dirpath=final_dir, filename="last", monitor=None, save_top_k=1, enable_version_counter=False)
+    callbacks: list[Callback] = [last]
+    if cfg.train.ema:
+        callbacks.append(EMAWeightAveraging(decay=cfg.train.ema_decay))
+    mode = _progress_mode(cfg)
+    if mode == "bar":
+        callbacks.append(RichProgressBar(leave=True))
+    loggers = make_loggers(cfg, run_dir, FINAL_DIR)  # type: ignore[arg-type]
+    trainer = make_trainer(cfg, precision, callbacks, epochs, training.count, loggers, final_dir, limit_val_batches=0)
+    if cfg.train.compile:
+        module.model = torch.compile(module.model)
+    notes = _recipe_notes(cfg, training)
+    if rank0 and mode != "none":
+        console.print(
+            f"[bold]final fit[/]: {len(rows):,} train images (every person), {epochs} epochs (the folds' median best){notes['line']}"
+        )
+    resume = final_dir / "last.ckpt"
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume.exists() else None)
+    for logger in trainer.loggers:
+        logger.finalize("success")
+    trainer.save_checkpoint(final_dir / "model.ckpt", weights_only=True)
+    if not rank0:
+        return
+    model = load_fold_module(final_dir / "model.ckpt")
+    if test_cache is not None:
+        probs = predict_probs(
+            model,
+            test_cache.path,
+            np.arange(test_cache.count),
+            batch_size=cfg.train.batch_size * 2,
+            device=inference_device(cfg.train.accelerator),
+            precision=precision,
+        )
+        np.save(final_dir / "test.npy", probs.astype(np.float32))
+    metrics = {
+        "mode": cfg.train.final_fit,
+        "epochs": epochs,
+        "fold_best_epochs": [m.get("best_epoch") for m in fold_metrics],
+        "duration_s": round(time.time() - started, 2),
+        **notes["metrics"],
+        "train_images": training.count,
+    }
+    write_json(final_dir / "metrics.json", metrics)
+    (final_dir / "last.ckpt").unlink(missing_ok=True)
+    console.print(f"  final fit done: {epochs} epochs on {training.count:,} images in {metrics['duration_s']:.0f}s")
+
+
+def _recipes_summary(cfg: Config, run_dir: Path, pseudo: PseudoLabels | None) -> dict[str, Any]:
+    """run.json ``recipes``: which recipes shaped this run and what they did (empty when none)."""
+    out: dict[str, Any] = {}
+    if cfg.data.borderline.years:
+        out["borderline"] = cfg.data.borderline.model_dump(mode="json")
+    if cfg.model.age_head != "classify":
+        out["age_head"] = cfg.model.age_head
+    if cfg.model.classifier != "linear":
+        out["classifier"] = cfg.model.classifier
+    if pseudo is not None:
+        out["pseudo"] = {
+            "teacher": cfg.pseudo.run,
+            "threshold": cfg.pseudo.threshold,
+            "images": len(pseudo),
+            "test_images": pseudo.total,
+        }
+    if cfg.train.final_fit != "off" and (run_dir / FINAL_DIR / "metrics.json").exists():
+        final = read_json(run_dir / FINAL_DIR / "metrics.json")
+        out["final_fit"] = {k: final.get(k) for k in ("mode", "epochs", "duration_s", "train_images")}
+    return out
+
+
+def _write_outputs(
+    run_dir: Path, source: Source, test_cache: CacheInfo | None, final_fit: str = "off"
+) -> dict[str, Any]:
+    """oof.csv, test.csv and submission.csv from every finished fold (test: with the final fit, if any); returns the CV summary."""
+    task = source.task
+    fold_dirs = [run_dir / f"fold_{k}" for k in _finished_folds(run_dir)]
+    if not fold_dirs:
+        raise RunError(f"{run_dir}: no finished fold to summarise")
+    oof = pd.concat([pd.read_csv(d / "oof.csv", dtype={"image_id": str}) for d in fold_dirs], ignore_index=True)
+    order = {image_id: i for i, image_id in enumerate(source.train["image_id"])}
+    oof = (
+        oof.assign(_order=oof["image_id"].map(order))
+        .sort_values("_order")
+        .drop(columns="_order")
+        .reset_index(drop=True)
+    )
+    write_csv(run_dir / "oof.csv", oof, float_format="%.6g")
+    for stale in ("oof_tta.csv", "test_tta.csv", "submission_tta.csv"):  # from the folds before a re-run
+        (run_dir / stale).unlink(missing_ok=True)
+    if source.test is not None and test_cache is not None:
+        probs = np.mean([np.load(d / "test.npy") for d in fold_dirs], axis=0)
+        final = run_dir / FINAL_DIR / "test.npy"
+        if final_fit != "off" and final.exists():
+            probs = blend_final(final_fit, probs, np.load(final))
+        test = pd.concat(
+            [
+                pd.DataFrame({"image_id": source.test["image_id"].to_numpy()}),
+                pd.DataFrame(probs, columns=prob_columns(task.num_classes)),
+            ],
+            axis=1,
+        )
+        write_csv(run_dir / "test.csv", test, float_format="%.6g")
+        write_csv(run_dir / "submission.csv", submission_frame(source.test, probs, task, source.test_format))
+    cv = cv_scores(oof, task)
+    for fold in cv["folds"]:
+        metrics = read_json(run_dir / f"fold_{fold['fold']}" / "metrics.json")
+        fold.update(best_epoch=metrics.get("best_epoch"), duration_s=metrics.get("duration_s"))
+    return cv

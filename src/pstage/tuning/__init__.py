@@ -1,0 +1,1 @@
+"""Hyper-parameter search: Optuna (and Ray Tune) trials that are runs."""
