@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
-from pstage import cache as cache_module
+from pstage.data import cache as cache_module
 from pstage.data.cache import BadImage, build_cache, decode
 from pstage.data.faces import center_box
 
