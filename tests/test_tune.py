@@ -23,7 +23,9 @@ from optuna.trial import TrialState
 from pstage.config import load_config
 from pstage.core.errors import ConfigError
 from pstage.tuning.reporter import CrossFoldReporter
-from pstage.tuning.tune import TrialSeededSampler, check_space, open_storage, storage_url, tune
+from pstage.tuning.space import check_space
+from pstage.tuning.study import TrialSeededSampler, open_storage, storage_url
+from pstage.tuning.tune import tune
 from tests.conftest import run_cli
 
 BASE = {
