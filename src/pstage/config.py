@@ -34,6 +34,14 @@ def _pair(value: Any) -> Any:
 Size = Annotated[tuple[int, int], BeforeValidator(_pair)]
 
 
+# Names picked from a registry (model.head, model.classifier, model.age_head, loss.name, log.loggers,
+# tune.pruner) are plain strings here, not Literal types: the registries live in the stages above
+# this layer (models, training, tuning), which this module may not import, and a Literal would be a
+# second list to keep in step with them. Each command checks them at its edge before any work
+# (pstage.core.registry.check_config), with the same one-line error: the registered names and the
+# closest one.
+
+
 class Section(BaseModel):
     """A config section: unknown keys are errors, values are re-validated on assignment."""
 
@@ -142,16 +150,16 @@ class ModelConfig(Section):
     pool: Literal["avg", "gem"] = Field(
         "avg", description="Global pooling: average or GeM (generalised mean, learnable p)."
     )
-    head: Literal["linear", "multi"] = Field(
+    head: str = Field(
         "linear",
         description="linear: one softmax over the classes; multi: mask, gender and age heads whose product gives the class probability (mask task only; 0.51 vs linear 0.55 on the demo data).",
     )
     drop_rate: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout before the classifier.")
-    age_head: Literal["classify", "regress", "ordinal"] = Field(
+    age_head: str = Field(
         "classify",
         description="Age head of model.head=multi: classify (softmax over the buckets); regress (predicts the age in years: smooth-L1 on the standardised age + bucket NLL, bucket probabilities from a Gaussian of learned width integrated over the bucket intervals; needs numeric ages); ordinal (CORAL-style cumulative logits over the buckets).",
     )
-    classifier: Literal["linear", "arcface"] = Field(
+    classifier: str = Field(
         "linear",
         description="Each classification head: linear, or arcface (cosine logits with an additive angular margin in training, scaled-cosine softmax for probabilities).",
     )
@@ -165,9 +173,7 @@ class ModelConfig(Section):
 
 
 class LossConfig(Section):
-    name: Literal["ce", "focal", "f1"] = Field(
-        "ce", description="ce: cross-entropy; focal: focal loss; f1: soft macro-F1."
-    )
+    name: str = Field("ce", description="ce: cross-entropy; focal: focal loss; f1: soft macro-F1.")
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="Label smoothing for ce and focal.")
     focal_gamma: float = Field(2.0, ge=0.0, description="Focusing parameter of the focal loss.")
     class_weights: Literal["none", "balanced"] = Field(
@@ -300,9 +306,7 @@ class TTAConfig(Section):
 
 
 class LogConfig(Section):
-    loggers: list[Literal["tensorboard", "csv", "wandb", "mlflow"]] = Field(
-        ["tensorboard"], description="Experiment trackers; logs go to <run>/logs."
-    )
+    loggers: list[str] = Field(["tensorboard"], description="Experiment trackers; logs go to <run>/logs.")
     wandb_project: str = Field("pstage", description="W&B project (WANDB_MODE=offline works without a network).")
     mlflow_tracking_uri: str | None = Field(
         None, description="MLflow tracking URI; default a SQLite store shared by the runs folder (runs/mlflow.db)."
@@ -396,7 +400,7 @@ class TuneConfig(Section):
     startup_trials: int = Field(
         5, ge=0, description="TPE: random trials before the model of good/bad regions kicks in."
     )
-    pruner: Literal["median", "halving", "hyperband", "threshold", "none"] = Field(
+    pruner: str = Field(
         "median",
         description="Stop unpromising trials early: median (below the median of earlier trials at the same step), halving (successive halving), hyperband, threshold (below prune_below), none.",
     )

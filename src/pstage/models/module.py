@@ -30,7 +30,7 @@ from pstage.models.classifier import (
     head_task,
     readout,
 )
-from pstage.models.losses import compute_loss, distillation, ordinal_loss
+from pstage.models.losses import create_loss, distillation, ordinal_loss
 
 
 def uses_channels_last(model: torch.nn.Module, setting: str | bool) -> bool:
@@ -68,6 +68,7 @@ class ClassifierModule(L.LightningModule):
             arcface_margin=cfg.model.arcface_margin,
         )
         self.heads = head_task(self.task, cfg.model.head)
+        self.loss_fn = create_loss(cfg.loss)  # loss.name from the LOSSES registry, its settings bound
         self.channels_last = uses_channels_last(self.model, cfg.train.channels_last)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -144,7 +145,6 @@ class ClassifierModule(L.LightningModule):
     ) -> torch.Tensor:
         """One head's loss on its raw output, per the head's kind (linear, ArcFace, age regression, ordinal)."""
         layer = self.model.heads[head]
-        loss_cfg = self.config.loss
         if isinstance(layer, OrdinalHead):
             return ordinal_loss(out, target, weights)
         if isinstance(layer, AgeRegressionHead):
@@ -159,15 +159,7 @@ class ClassifierModule(L.LightningModule):
             regression, logits = 0.0, layer.margin_logits(out, target)
         else:
             regression, logits = 0.0, out
-        return regression + compute_loss(
-            loss_cfg.name,
-            logits,
-            target,
-            getattr(self, f"weight_{head}"),
-            loss_cfg.label_smoothing,
-            loss_cfg.focal_gamma,
-            sample_weight=weights,
-        )
+        return regression + self.loss_fn(logits, target, weight=getattr(self, f"weight_{head}"), sample_weight=weights)
 
     def _log_probs(self, logits: dict[str, torch.Tensor], temperature: float) -> torch.Tensor:
         """Log-probabilities over the final classes at a temperature (a sum over heads for multi-head models)."""

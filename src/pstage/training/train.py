@@ -48,6 +48,8 @@ from pstage.models.checkpoint import load_fold_module
 from pstage.models.classifier import check_model_name, head_task
 from pstage.models.losses import balanced_weights
 from pstage.runs.rundir import RUN_FILE, RunLock, load_run_info, provenance, submission_frame
+from pstage.training.loggers import make_loggers
+from pstage.training.names import check_names
 from pstage.training.recipes import (
     PseudoLabels,
     borderline_mask,
@@ -138,6 +140,7 @@ def train(
         raise DataError(f"data path {cfg.data.path} does not exist")
     check_model_name(cfg.model.name)
     check_optimizer(cfg.optim.name)
+    check_names(cfg)
     if cfg.data.borderline.years or cfg.model.age_head == "regress":  # recipes that need numeric ages
         check_recipe_data(cfg, cfg.data.source if cfg.data.source != "auto" else detect_kind(Path(cfg.data.path)))
     resolve_teacher(cfg, runs)
@@ -368,62 +371,6 @@ def read_history(fold_dir: Path) -> list[dict[str, Any]]:
             row = json.loads(line)
             rows[row["epoch"]] = row
     return [rows[e] for e in sorted(rows)]
-
-
-def make_loggers(cfg: Config, run_dir: Path, fold: int) -> list[Any]:
-    """TensorBoard by default; CSV, W&B (offline-safe via WANDB_MODE) and MLflow when configured."""
-    loggers: list[Any] = []
-    for kind in dict.fromkeys(cfg.log.loggers):
-        try:
-            if kind == "tensorboard":
-                from lightning.pytorch.loggers import TensorBoardLogger
-
-                loggers.append(TensorBoardLogger(run_dir, name="logs", version=f"fold_{fold}", default_hp_metric=False))
-            elif kind == "csv":
-                from lightning.pytorch.loggers import CSVLogger
-
-                loggers.append(CSVLogger(run_dir / "logs", name="csv", version=f"fold_{fold}"))
-            elif kind == "wandb":
-                import wandb  # noqa: F401
-                from lightning.pytorch.loggers import WandbLogger
-
-                (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-                loggers.append(
-                    WandbLogger(
-                        project=cfg.log.wandb_project,
-                        name=f"{run_dir.name}/fold_{fold}",
-                        group=run_dir.name,
-                        save_dir=str(run_dir / "logs"),
-                    )
-                )
-            elif kind == "mlflow":
-                import mlflow  # noqa: F401
-                from lightning.pytorch.loggers import MLFlowLogger
-
-                # One SQLite store per runs folder (MLflow 3 refuses its old file store): `mlflow ui
-                # --backend-store-uri sqlite:///runs/mlflow.db` then shows every run of the folder.
-                uri = cfg.log.mlflow_tracking_uri or f"sqlite:///{run_dir.parent / 'mlflow.db'}"
-                loggers.append(
-                    MLFlowLogger(
-                        experiment_name="pstage",
-                        run_name=f"{run_dir.name}/fold_{fold}",
-                        tracking_uri=uri,
-                        artifact_location=(run_dir.parent / "mlartifacts").as_uri(),
-                        tags={"run": run_dir.name, "fold": str(fold)},
-                    )
-                )
-            if kind in ("wandb", "mlflow"):
-                loggers[-1].experiment  # noqa: B018  (start it now: a bad URI or login fails here, not mid-fit)
-        except ImportError:
-            raise ConfigError(
-                f"log.loggers includes {kind}, which is not installed: pip install 'pstage[trackers]' (or remove it from log.loggers)"
-            ) from None
-        except Exception as exc:
-            message = " ".join(str(exc).split())[:300]
-            raise ConfigError(
-                f"log.loggers: {kind} could not start ({message}); check log.* or remove it from log.loggers"
-            ) from None
-    return loggers
 
 
 def _class_weights(cfg: Config, source: Source, targets: np.ndarray) -> dict[str, list[float]] | None:
