@@ -204,7 +204,10 @@ class TrainConfig(Section):
         ge=1,
         description="Epochs per fold; the best epoch by validation macro F1 is kept. resnet10t on the demo data: 10 epochs 0.55, 15 epochs 0.55 at 1.6x the time.",
     )
-    batch_size: int = Field(64, ge=1, description="Images per step per device.")
+    batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        64,
+        description="Images per step per device. auto: on a GPU the largest batch that fits (a forward/backward probe, doubling from 64, at most 1024 and 1/16 of the training images), with optim.lr scaled by sqrt(batch/64) for adaptive optimizers (AdamW, LAMB, ...) or batch/64 for SGD-like ones; on CPU 64, the measured default. The resolved batch and lr are in run.json.",
+    )
     precision: str = Field(
         "auto",
         description="auto picks bf16-mixed where the device computes bf16 fast (recent GPUs, CPUs with AMX/AVX512-BF16), 16-mixed on older GPUs, else 32-true; or any Lightning precision.",
@@ -264,6 +267,14 @@ class TrainConfig(Section):
         return value
 
 
+DEFAULT_BATCH = 64  # train.batch_size=auto off the GPU, and before pstage train resolves it
+
+
+def batch_of(train: TrainConfig) -> int:
+    """train.batch_size as a number (auto: 64; pstage train replaces auto by the resolved size)."""
+    return train.batch_size if isinstance(train.batch_size, int) else DEFAULT_BATCH
+
+
 class CutMixConfig(Section):
     p: float = Field(0.0, ge=0.0, le=1.0, description="Probability that a batch is CutMix-ed.")
     alpha: float = Field(1.0, gt=0.0, description="Beta(alpha, alpha) draw of the mixed area (random mode).")
@@ -285,6 +296,10 @@ class AugmentConfig(Section):
     transforms: list[dict[str, Any] | str] | None = Field(
         None,
         description="Replaces the preset: a list of albumentations transforms, e.g. [{HorizontalFlip: {p: 0.5}}, ToGray].",
+    )
+    device: Literal["auto"] | bool = Field(
+        "auto",
+        description="Where the preset runs: true (batched on the training device after the transfer, kornia; the loader only slices the cache), false (albumentations per image in loader workers), auto = true with a CUDA device unless augment.transforms is set (on CPU the batched warp measured slower than albumentations in a worker: benchmarks/throughput.py).",
     )
     cutmix: CutMixConfig = Field(default_factory=CutMixConfig)
     mixup: MixUpConfig = Field(default_factory=MixUpConfig)

@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from pstage.config import Config, TTAConfig, load_config
+from pstage.config import Config, TTAConfig, batch_of, load_config
 from pstage.core.devices import autocast_dtype, inference_device, resolve_precision
 from pstage.core.errors import DataError, RunError
 from pstage.core.io import now, write_csv, write_json
@@ -107,7 +107,7 @@ def ensemble_probs(
             load_fold_module(checkpoint),
             cache.path,
             np.arange(cache.count) if rows is None else rows,
-            batch_size=config.train.batch_size * 2,
+            batch_size=batch_of(config.train) * 2,
             device=device,
             precision=precision,
             tta=config.tta if tta else None,
@@ -249,7 +249,7 @@ def _predict_with_tta(
             load_fold_module(checkpoint),
             train_cache.path,
             cache_rows.loc[oof.loc[rows, "image_id"]].to_numpy(),
-            batch_size=config.train.batch_size * 2,
+            batch_size=batch_of(config.train) * 2,
             device=device,
             precision=precision,
             tta=config.tta,

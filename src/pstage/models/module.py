@@ -21,6 +21,7 @@ from torchmetrics.classification import MulticlassF1Score
 from pstage.config import Config
 from pstage.core.tasks import Task
 from pstage.data.augment import mix_batch
+from pstage.data.device_augment import build_device_augment
 from pstage.models.classifier import (
     AgeRegressionHead,
     ArcFaceHead,
@@ -78,6 +79,7 @@ class ClassifierModule(L.LightningModule):
             )
             weights = (class_weights or {}).get(head)
             self.register_buffer(f"weight_{head}", torch.tensor(weights) if weights else None, persistent=False)
+        self.augment = build_device_augment(cfg.augment)  # the preset, batched on the device (None: in the loader)
         self.val_f1 = MulticlassF1Score(num_classes=self.task.num_classes, average="macro")
         self._rng = np.random.default_rng(cfg.seed)
 
@@ -85,8 +87,13 @@ class ClassifierModule(L.LightningModule):
         """Final-class probabilities for uint8 NHWC images."""
         return class_probs(self.model(self._inputs(images)), self.heads)
 
-    def _inputs(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.model.normalize(images)
+    def _inputs(self, images: torch.Tensor, augment: bool = False) -> torch.Tensor:
+        """uint8 NHWC -> the model's normalised input; ``augment``: the device preset first (training)."""
+        if augment and self.augment is not None:
+            x = self.augment(images.permute(0, 3, 1, 2).float().div_(255.0)).mul_(255.0)
+            x = (x - self.model.mean) / self.model.std
+        else:
+            x = self.model.normalize(images)
         return x if self.channels_last else x.contiguous()
 
     def on_train_epoch_start(self) -> None:
@@ -111,7 +118,10 @@ class ClassifierModule(L.LightningModule):
             if key in extras:
                 parts.append(extras[key].float().view(-1, 1))
         x, mixed = mix_batch(
-            self._inputs(images), torch.cat(parts, 1) if len(parts) > 1 else soft, self.config.augment, self._rng
+            self._inputs(images, augment=True),
+            torch.cat(parts, 1) if len(parts) > 1 else soft,
+            self.config.augment,
+            self._rng,
         )
         c = self.task.num_classes
         soft = mixed[:, :c]

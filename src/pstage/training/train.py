@@ -31,7 +31,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.callbacks.weight_averaging import EMAWeightAveraging
 
-from pstage.config import Config, diff_configs, dump_config, load_config
+from pstage.config import Config, batch_of, diff_configs, dump_config, load_config
 from pstage.core.console import console, quiet_lightning
 from pstage.core.devices import inference_device, is_rank_zero, resolve_precision
 from pstage.core.errors import ConfigError, DataError, RunError
@@ -48,8 +48,12 @@ from pstage.models.checkpoint import load_fold_module
 from pstage.models.classifier import check_model_name, head_task
 from pstage.models.losses import balanced_weights
 from pstage.runs.rundir import RUN_FILE, RunLock, load_run_info, provenance, submission_frame
+<<<<<<< HEAD
 from pstage.training.loggers import make_loggers
 from pstage.training.names import check_names
+=======
+from pstage.training.batch_size import resolve_batch
+>>>>>>> gpu
 from pstage.training.recipes import (
     PseudoLabels,
     borderline_mask,
@@ -241,6 +245,8 @@ def _run(
             "precision": precision,
             "num_workers": resolve_workers(cfg.train.num_workers, build_transforms(cfg.augment) is not None),
         }
+        fit_cfg = _resolve_batch(cfg, previous, source, folds, precision)
+        info["resolved"].update(batch_size=fit_cfg.train.batch_size, lr=fit_cfg.optim.lr)
         if rank0:
             if was_done and not pending and not final_pending:
                 console.print(f"  already done (CV macro F1 {previous['cv']['macro_f1']:.4f}); nothing to train")
@@ -251,11 +257,21 @@ def _run(
             record("running")
         for k in pending:
             fit_fold(
-                k, cfg, source, folds, train_cache, test_cache, run_dir, precision, rank0, fold_callbacks, pseudo=pseudo
+                k,
+                fit_cfg,
+                source,
+                folds,
+                train_cache,
+                test_cache,
+                run_dir,
+                precision,
+                rank0,
+                fold_callbacks,
+                pseudo=pseudo,
             )
             record("running")
         if final_pending:
-            fit_final(cfg, source, train_cache, test_cache, run_dir, precision, rank0, pseudo)
+            fit_final(fit_cfg, source, train_cache, test_cache, run_dir, precision, rank0, pseudo)
         if not rank0:
             return None
         cv = _write_outputs(run_dir, source, test_cache, cfg.train.final_fit)
@@ -274,6 +290,23 @@ def _run(
         reason = "interrupted" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else f"{type(exc).__name__}: {exc}"
         record("failed", error=reason)
         raise
+
+
+def _resolve_batch(
+    cfg: Config, previous: dict[str, Any], source: Source, folds: pd.DataFrame, precision: str
+) -> Config:
+    """The config the models train with: train.batch_size=auto resolved on the device (a resumed run
+    keeps the batch and lr it started with, so its folds stay comparable)."""
+    if cfg.train.batch_size != "auto":
+        return cfg
+    resolved = previous.get("resolved") or {}
+    if isinstance(resolved.get("batch_size"), int):
+        values = cfg.to_dict()
+        values["train"]["batch_size"], values["optim"]["lr"] = resolved["batch_size"], resolved["lr"]
+        return Config.model_validate(values)
+    largest_fold = int(folds["fold"].value_counts().max()) if len(folds) else 0
+    device = inference_device(cfg.train.accelerator)
+    return resolve_batch(cfg, source.task, device, precision, len(source.train) - largest_fold)
 
 
 def _result(run_dir: Path, info: dict[str, Any]) -> RunResult:
@@ -414,7 +447,7 @@ def make_trainer(
         enable_progress_bar=_progress_mode(cfg) == "bar",
         enable_model_summary=False,
         num_sanity_val_steps=0,
-        log_every_n_steps=min(50, max(1, samples // cfg.train.batch_size)),
+        log_every_n_steps=min(50, max(1, samples // batch_of(cfg.train))),
         default_root_dir=root,
         **extra,
     )
@@ -594,7 +627,7 @@ def _predict_fold(
     """OOF and test probabilities from the fold's best weights; metrics.json last (marks the fold done)."""
     model = load_fold_module(fold_dir / "best.ckpt")
     device = inference_device(cfg.train.accelerator)
-    batch = cfg.train.batch_size * 2
+    batch = batch_of(cfg.train) * 2
     oof = predict_probs(
         model, train_cache.path, val_rows["cache_row"].to_numpy(), batch_size=batch, device=device, precision=precision
     )
@@ -713,7 +746,7 @@ def fit_final(
             model,
             test_cache.path,
             np.arange(test_cache.count),
-            batch_size=cfg.train.batch_size * 2,
+            batch_size=batch_of(cfg.train) * 2,
             device=inference_device(cfg.train.accelerator),
             precision=precision,
         )
