@@ -48,12 +48,9 @@ from pstage.models.checkpoint import load_fold_module
 from pstage.models.classifier import check_model_name, head_task
 from pstage.models.losses import balanced_weights
 from pstage.runs.rundir import RUN_FILE, RunLock, load_run_info, provenance, submission_frame
-<<<<<<< HEAD
+from pstage.training.batch_size import resolve_batch
 from pstage.training.loggers import make_loggers
 from pstage.training.names import check_names
-=======
-from pstage.training.batch_size import resolve_batch
->>>>>>> gpu
 from pstage.training.recipes import (
     PseudoLabels,
     borderline_mask,
