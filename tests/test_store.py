@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -119,7 +120,9 @@ def split():
     rows = [(f"p{p:03d}/{photo}", f"p{p:03d}", p % 3) for p in range(30) for photo in photos]
     folds = pd.DataFrame(rows, columns=["image_id", "group", "fold"])
     person = {g: rng.integers(0, 6) for g in folds["group"].unique()}
-    mask = folds["image_id"].str.split("/").str[1].map(lambda s: 0 if s.startswith("mask") else (1 if "inc" in s else 2))
+    mask = (
+        folds["image_id"].str.split("/").str[1].map(lambda s: 0 if s.startswith("mask") else (1 if "inc" in s else 2))
+    )
     targets = pd.Series(mask * 6 + folds["group"].map(person), name="target")
     return folds, targets
 
@@ -367,19 +370,26 @@ def test_server_killed_mid_publish_leaves_it_unpublished_until_push(server, spli
     CHROMIUM is None and not os.environ.get("PSTAGE_REQUIRE_BROWSER"), reason="no chromium (apt-get install chromium)"
 )
 def test_mlflow_ui_shows_the_team_runs(server, team, tmp_path):
-    """The experiment page, in headless Chromium, lists the published runs with their CV column."""
+    """The experiment page, in headless Chromium: the team's runs, with CV and per-task metric columns."""
     from playwright.sync_api import sync_playwright
 
     (run,) = published(server, "r1", "ana")
+    metrics = ("cv_macro_f1", "cv_mask", "cv_gender", "cv_age")
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         try:
-            page = browser.new_page(viewport={"width": 1600, "height": 900})
-            page.goto(f"{server.uri}/#/experiments/{run.info.experiment_id}", wait_until="load", timeout=120_000)
-            page.get_by_text("ana/r1").first.wait_for(timeout=120_000)
+            page = browser.new_page(viewport={"width": 2400, "height": 800})
+            page.goto(f"{server.uri}/#/experiments/{run.info.experiment_id}/runs", wait_until="load", timeout=180_000)
+            page.get_by_text("ana/r1").first.wait_for(timeout=180_000)  # training runs view, not the GenAI pages
             page.get_by_text("ben/r2").first.wait_for(timeout=30_000)
+            page.get_by_role("button", name="Columns").click()
+            page.get_by_text(re.compile(r"^Metrics \(\d+\)$")).click()  # every metric becomes a column
+            page.keyboard.press("Escape")
+            page.wait_for_timeout(1000)
             text = page.inner_text("body")
             page.screenshot(path=str(tmp_path / "mlflow-ui.png"))
         finally:
             browser.close()
-    assert "cv_macro_f1" in text, text[:2000]
+    for key in metrics:
+        assert key in text, text[:3000]
+    assert str(run.data.metrics["cv_macro_f1"])[:8] in text  # the value, in ana/r1's row

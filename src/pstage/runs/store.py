@@ -154,6 +154,8 @@ def _client(uri: str) -> Any:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # we print our own line
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     from mlflow.tracking import MlflowClient  # heavy: only when a store is used
 
     return MlflowClient(tracking_uri=uri)
@@ -301,6 +303,8 @@ def _tags(run_dir: Path, info: dict[str, Any], data_fp: str, split_fp: str, chec
             f"{info.get('host')}. Use it anywhere: `pstage pull {qualified} --store URI`, or "
             f"`pstage ensemble {qualified} OTHER --store URI`."
         ),
+        "mlflow.source.name": f"pstage {info.get('kind', 'train')}",
+        "mlflow.source.type": "LOCAL",
         "pstage.uid": run_uid(info),
         "pstage.name": str(info.get("name")),
         "pstage.user": str(info.get("user") or "unknown"),
@@ -352,15 +356,21 @@ def publish(
         raise _failure(uri, f"publishing {qualified_name(info)}", exc) from None
 
 
+# MLflow 3's UI opens an experiment on its GenAI pages unless told it holds model training runs.
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def _experiment_id(client: Any, name: str, data_fp: str) -> str:
     found = client.get_experiment_by_name(name)
     if found is not None:
         if found.lifecycle_stage == "deleted":
             client.restore_experiment(found.experiment_id)
+        for key, value in EXPERIMENT_TAGS.items():
+            if found.tags.get(key) != value:
+                client.set_experiment_tag(found.experiment_id, key, value)
         return found.experiment_id
-    return client.create_experiment(
-        name, tags={"pstage.data": data_fp, "mlflow.note.content": "pstage runs on one competition's data"}
-    )
+    note = f"pstage runs on one competition's data (fingerprint {data_fp} of the training images and classes)"
+    return client.create_experiment(name, tags={"pstage.data": data_fp, "mlflow.note.content": note, **EXPERIMENT_TAGS})
 
 
 def _publish(
