@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -50,7 +51,8 @@ class Server:
         cmd += ["--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}"]
         cmd += ["--artifacts-destination", str(self.root / "artifacts")]
         log = open(self.root / "server.log", "ab")  # noqa: SIM115 - lives as long as the server
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=self.root)
+        # its own process group: `mlflow server` runs uvicorn in child processes, which kill() must reach too
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=self.root, start_new_session=True)
         deadline = time.time() + 300  # several seconds when quiet; minutes on a loaded 2-core box
         while time.time() < deadline:
             assert self.proc.poll() is None, (self.root / "server.log").read_text()[-3000:]
@@ -63,8 +65,12 @@ class Server:
         raise AssertionError(f"mlflow server did not start: {(self.root / 'server.log').read_text()[-3000:]}")
 
     def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
+        """SIGKILL the server and its workers, as a crash or a pulled plug would."""
+        if self.proc is not None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
             self.proc.wait()
 
 
@@ -393,3 +399,12 @@ def test_mlflow_ui_shows_the_team_runs(server, team, tmp_path):
     for key in metrics:
         assert key in text, text[:3000]
     assert str(run.data.metrics["cv_macro_f1"])[:8] in text  # the value, in ana/r1's row
+
+
+def test_store_code_keeps_mlflow_off_the_fast_paths():
+    code = (
+        "import sys; from pstage.cli import app; import pstage.runs.store, pstage.report.board; "
+        "assert 'mlflow' not in sys.modules and 'torch' not in sys.modules"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
