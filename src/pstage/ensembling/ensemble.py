@@ -119,6 +119,15 @@ def check_same_split(first: str, a: pd.DataFrame, other: str, b: pd.DataFrame) -
     )
 
 
+def _member_name(path: Path, info: dict[str, Any], runs_dir: str | Path) -> str:
+    """The run's name, qualified as user/name for a teammate's run pulled into runs/<user>/<name>."""
+    try:
+        relative = path.relative_to(Path(runs_dir).expanduser().resolve()).as_posix()
+    except ValueError:
+        relative = ""
+    return relative if relative.count("/") == 1 else info.get("name", path.name)
+
+
 def load_members(runs: Sequence[str | Path], runs_dir: str | Path = "runs", tta: bool = False) -> Members:
     """Open finished runs and check they can be blended: same classes, same split, same images."""
     paths = [resolve_run(run, runs_dir) for run in runs]
@@ -132,7 +141,7 @@ def load_members(runs: Sequence[str | Path], runs_dir: str | Path = "runs", tta:
     first: dict[str, Any] = {}
     for path in paths:
         info = load_run_info(path)
-        name = info.get("name", path.name)
+        name = _member_name(path, info, runs_dir)
         if info.get("status") != "done":
             raise RunError(f"{name}: run is {info.get('status', 'unknown')}; only finished runs can be ensembled")
         oof_path, test_path = path / f"oof{suffix}.csv", path / f"test{suffix}.csv"
