@@ -40,6 +40,7 @@ from rich.table import Table
 from torch.utils.data import DataLoader, Dataset
 
 from pstage.core.devices import autocast_dtype, resolve_precision
+from pstage.data.sources import is_hidden, is_image
 from pstage.data.synthetic import make_demo_data
 
 SETTINGS = [  # (model, (H, W), batch)
@@ -185,7 +186,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="pstage-throughput-"))
     os.environ.setdefault("XDG_CACHE_HOME", str(work / "cache"))
     data = args.data or make_demo_data(work / "data", persons=persons, eval_persons=max(10, persons // 10))
-    paths = sorted((data / "train" / "images").rglob("*.*"))
+    paths = sorted(p for p in (data / "train" / "images").rglob("*") if is_image(p.name) and not is_hidden(p.name))
     console = Console(width=140)
     results: dict[str, dict[str, list[float]]] = {}
     for r in range(rounds):
