@@ -144,8 +144,13 @@ class ModelConfig(Section):
         "resnet10t",
         description="Any timm model name. resnet10t measured best on the demo data: macro F1 0.55 vs resnet18 0.47 at 0.65x the time; MobileNetV3-small 0.30 (from scratch).",
     )
-    pretrained: bool = Field(
-        False, description="Load timm's pretrained weights (needs the Hugging Face hub or its cache)."
+    pretrained: Literal["auto"] | bool = Field(
+        "auto",
+        description="Start from ImageNet weights: auto = a registry package that ships them (tf_efficientnet_lite0), else timm's from the Hugging Face cache, else the hub if it answers within 3 s, else from scratch (one line says which; run.json weights.source); true = the same but fail if none; false = from scratch.",
+    )
+    weights: str | None = Field(
+        None,
+        description="A local checkpoint for the backbone (air-gapped servers; overrides pretrained): a .pth/.pt/.safetensors state dict, plain or under 'state_dict'/'model', or a pstage fold best.ckpt. The classifier head is skipped; one line reports tensors loaded/missing/unexpected.",
     )
     pool: Literal["avg", "gem"] = Field(
         "avg", description="Global pooling: average or GeM (generalised mean, learnable p)."

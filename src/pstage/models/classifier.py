@@ -26,6 +26,7 @@ from torch import nn
 from pstage.core.errors import ConfigError
 from pstage.core.registry import Registry
 from pstage.core.tasks import Task
+from pstage.models.weights import create_backbone
 
 
 class GeM(nn.Module):
@@ -244,14 +245,19 @@ def _output_shape(backbone: nn.Module, name: str, input_size: tuple[int, int]) -
 
 
 class Classifier(nn.Module):
-    """Backbone + pooling + a linear head per task head; input uint8 (N, H, W, 3)."""
+    """Backbone + pooling + a linear head per task head; input uint8 (N, H, W, 3).
+
+    ``pretrained`` (auto/true/false) and ``weights`` (a local file) choose the backbone's starting
+    weights (models/weights.py); normalisation always uses timm's mean/std for ``name``.
+    """
 
     def __init__(
         self,
         name: str,
         heads: dict[str, int],
         *,
-        pretrained: bool = False,
+        pretrained: bool | str = False,
+        weights: str | None = None,
         pool: str = "avg",
         drop_rate: float = 0.0,
         input_size: tuple[int, int] = (64, 64),
@@ -264,10 +270,12 @@ class Classifier(nn.Module):
         super().__init__()
         check_model_name(name)
         try:
-            self.backbone = timm.create_model(
-                name, pretrained=pretrained, num_classes=0, global_pool="" if pool == "gem" else "avg"
+            self.backbone = create_backbone(
+                name, pretrained, weights, num_classes=0, global_pool="" if pool == "gem" else "avg"
             )
-        except Exception as exc:  # hub/network failures for pretrained weights, mostly
+        except ConfigError:
+            raise
+        except Exception as exc:  # a timm model that cannot be built with these arguments
             raise ConfigError(
                 f"model.name={name} pretrained={pretrained}: timm could not create it ({str(exc).splitlines()[0]})"
             ) from None

@@ -59,6 +59,7 @@ class ClassifierModule(L.LightningModule):
             self.task,
             cfg.model.head,
             pretrained=cfg.model.pretrained,
+            weights=cfg.model.weights,
             pool=cfg.model.pool,
             drop_rate=cfg.model.drop_rate,
             input_size=tuple(cfg.data.image_size),

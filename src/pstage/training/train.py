@@ -47,6 +47,7 @@ from pstage.inference.predict import blend_final, predict_probs
 from pstage.models.checkpoint import load_fold_module
 from pstage.models.classifier import check_model_name, head_task
 from pstage.models.losses import balanced_weights
+from pstage.models.weights import resolve_weights
 from pstage.runs.rundir import RUN_FILE, RunLock, load_run_info, provenance, submission_frame
 from pstage.training.batch_size import resolve_batch
 from pstage.training.loggers import make_loggers
@@ -142,6 +143,10 @@ def train(
     check_model_name(cfg.model.name)
     check_optimizer(cfg.optim.name)
     check_names(cfg)
+    if cfg.model.weights:
+        cfg.model.weights = str(Path(cfg.model.weights).expanduser().resolve())
+    # before the run folder exists: a bad weights file (or pretrained=true with none) fails here
+    resolve_weights(cfg.model.name, cfg.model.pretrained, cfg.model.weights)
     if cfg.data.borderline.years or cfg.model.age_head == "regress":  # recipes that need numeric ages
         check_recipe_data(cfg, cfg.data.source if cfg.data.source != "auto" else detect_kind(Path(cfg.data.path)))
     resolve_teacher(cfg, runs)
@@ -209,6 +214,7 @@ def _run(
         "model": cfg.model.name,
         "image_size": list(cfg.data.image_size),
         "epochs": cfg.train.epochs,
+        "weights": resolve_weights(cfg.model.name, cfg.model.pretrained, cfg.model.weights).record(),
         "duration_s": spent_before,
     }
 
