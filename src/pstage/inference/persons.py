@@ -30,7 +30,7 @@ from pstage.config import Config
 from pstage.core.devices import autocast_dtype, inference_device, resolve_precision
 from pstage.core.errors import ConfigError
 from pstage.core.io import write_csv
-from pstage.core.metrics import cv_scores, prob_columns
+from pstage.core.metrics import cv_scores, fold_macro_f1, prob_columns
 from pstage.core.tasks import Task
 from pstage.data.datasets import CachedImages, make_loader
 from pstage.models.checkpoint import load_fold_module
@@ -214,6 +214,7 @@ def choose_threshold(
     probs = oof[prob_columns(task.num_classes)].to_numpy()
     states = mask_states(probs, task)
     folds = oof["fold"].to_numpy()
+    targets = oof["target"].to_numpy()
     trees = {k: group_tree(embeddings[folds == k], states[folds == k]) for k in np.unique(folds)}
 
     def grouped(t: float) -> tuple[np.ndarray, np.ndarray]:
@@ -231,7 +232,8 @@ def choose_threshold(
     sweep = []
     for t in [threshold] if threshold is not None else thresholds:
         groups, pooled = grouped(t)
-        sweep.append({"threshold": t, "macro_f1": scored(pooled)["macro_f1"], "ari": purity(groups, persons)["ari"]})
+        score = fold_macro_f1(targets, pooled, folds)  # the CV macro F1, fast: the sweep scores many cuts
+        sweep.append({"threshold": t, "macro_f1": score, "ari": purity(groups, persons)["ari"]})
     best = max(sweep, key=lambda r: (round(r["macro_f1"], 6), -r["threshold"]))
     groups, pooled = grouped(best["threshold"])
     return OofChoice(best["threshold"], scored(probs), scored(pooled), purity(groups, persons), pooled, groups, sweep)
