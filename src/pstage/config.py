@@ -481,6 +481,25 @@ class PseudoConfig(Section):
     soft: bool = Field(False, description="Train on the teacher's probabilities instead of its top class (hard label).")
 
 
+class PersonsConfig(Section):
+    group: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Person-consistent predictions (mask task): group test photos by identity (fold models' features, average-linkage clustering) and share gender/age within a group. auto: applied when it raises the run's OOF CV; on: always; off: never.",
+    )
+    threshold: float | None = Field(
+        None,
+        gt=0.0,
+        le=2.0,
+        description="Cosine-distance cut of the grouping; null: the cut with the best grouped OOF CV.",
+    )
+
+    @field_validator("group", mode="before")
+    @classmethod
+    def _yaml_switch(cls, value: Any) -> Any:
+        """YAML reads on/off as booleans: map them back to the switch's words."""
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
+
 class Config(Section):
     """The whole, resolved configuration of one run."""
 
@@ -497,6 +516,7 @@ class Config(Section):
     tune: TuneConfig = Field(default_factory=TuneConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
     pseudo: PseudoConfig = Field(default_factory=PseudoConfig)
+    persons: PersonsConfig = Field(default_factory=PersonsConfig)
 
     @model_validator(mode="after")
     def _folds_in_range(self) -> Config:

@@ -26,6 +26,7 @@ from pstage.data.cache import CacheInfo, build_cache
 from pstage.data.datasets import CachedImages, make_loader
 from pstage.data.prepare import prepare_caches
 from pstage.data.sources import Source, detect_kind, image_table, load_source
+from pstage.inference.persons import group_test
 from pstage.models.checkpoint import load_fold_module
 from pstage.models.module import ClassifierModule
 from pstage.runs.rundir import RUN_FILE, RunLock, load_run_info, resolve_run, submission_frame
@@ -209,6 +210,7 @@ def predict(
             f"{path}: {reason}; fix or remove it, or set data.on_bad_image=skip to predict it from a blank image"
         )
     probs = with_final_fit(run_dir, config, ensemble_probs(checkpoints, cache, config, tta=tta), cache, tta)
+    probs, _ = group_test(info, checkpoints, cache.path, config, probs, task)  # as training decided (persons.*)
     if kind == "submission":
         frame = submission_frame(images, probs, task, test_format)
         default = run_dir / ("submission_tta.csv" if tta else "submission.csv")
@@ -255,6 +257,7 @@ def _predict_with_tta(
             tta=config.tta,
         )
     probs = with_final_fit(run_dir, config, ensemble_probs(checkpoints, test_cache, config, tta=True), test_cache, True)
+    probs, _ = group_test(load_run_info(run_dir), checkpoints, test_cache.path, config, probs, task)
     test = pd.concat(
         [pd.DataFrame({"image_id": source.test["image_id"].to_numpy()}), pd.DataFrame(probs, columns=cols)], axis=1
     )

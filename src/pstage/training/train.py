@@ -43,7 +43,8 @@ from pstage.data.datasets import CachedImages, FoldData, resolve_workers
 from pstage.data.prepare import prepare_caches
 from pstage.data.sources import Source, detect_kind, load_source
 from pstage.data.split import check_folds, make_folds
-from pstage.inference.predict import blend_final, predict_probs
+from pstage.inference.persons import describe_grouping, group_run
+from pstage.inference.predict import blend_final, fold_checkpoints, predict_probs
 from pstage.models.checkpoint import load_fold_module
 from pstage.models.classifier import check_model_name, head_task
 from pstage.models.losses import balanced_weights
@@ -278,10 +279,12 @@ def _run(
         if not rank0:
             return None
         cv = _write_outputs(run_dir, source, test_cache, cfg.train.final_fit)
+        persons = _group_persons(cfg, run_dir, source, train_cache, test_cache)
         recipes = _recipes_summary(cfg, run_dir, pseudo)
         record(
             "done",
             cv=cv,
+            **({"persons": persons} if persons else {}),
             **({"recipes": recipes} if recipes else {}),
             finished=now(),
             folds_trained=_finished_folds(run_dir),
@@ -310,6 +313,26 @@ def _resolve_batch(
     largest_fold = int(folds["fold"].value_counts().max()) if len(folds) else 0
     device = inference_device(cfg.train.accelerator)
     return resolve_batch(cfg, source.task, device, precision, len(source.train) - largest_fold)
+
+
+def _group_persons(
+    cfg: Config, run_dir: Path, source: Source, train_cache: CacheInfo, test_cache: CacheInfo | None
+) -> dict[str, Any] | None:
+    """``persons.*``: person-consistent test predictions, chosen and scored on OOF (run.json ``persons``)."""
+    record = group_run(
+        run_dir,
+        cfg,
+        source.task,
+        source.train,
+        train_cache.path,
+        source.test,
+        test_cache.path if test_cache is not None else None,
+        source.test_format,
+        fold_checkpoints(run_dir),
+    )
+    if record:
+        console.print(f"  {describe_grouping(record)}")
+    return record
 
 
 def _result(run_dir: Path, info: dict[str, Any]) -> RunResult:
