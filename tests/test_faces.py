@@ -60,8 +60,10 @@ def test_retinaface_finds_no_face_in_noise():
 
 def test_registry_names_its_detectors_on_a_typo():
     assert set(faces.DETECTORS) == set(get_args(DataConfig.model_fields["face_detector"].annotation))
-    with pytest.raises(ValueError, match="retinaface, haar"):
+    with pytest.raises(ConfigError, match="retinaface, haar"):
         faces.get_detector("retina")
+    with pytest.raises(ConfigError, match="retinaface, haar"):
+        faces.resolve_detector("retina")
     with pytest.raises(ConfigError, match="retinaface.*haar"):
         load_config(overrides=["data.face_detector=retina"])
 

