@@ -10,7 +10,7 @@ from tests.conftest import FAST
 
 # fp32: the export tests compare ONNX (fp32) with the runs' own test.csv at 1e-4, which bf16 autocast
 # (the CPU default) misses by ~1e-4 once the inputs are face crops.
-SHIP = [*FAST, "split.folds=2", "train.progress=none", "train.precision=32"]
+SHIP = [*FAST, "split.folds=2", "train.progress=none", "train.precision=32-true"]
 
 
 def ship_runs(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
