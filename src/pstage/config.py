@@ -82,7 +82,7 @@ class DataConfig(Section):
     )
     face_crop: bool | Literal["auto"] = Field(
         "auto",
-        description="Crop to the face (data.face_detector; centre-crop fallback) before resizing. auto: on for the mask task (competition layout) when the RetinaFace detector is installed, else off.",
+        description="Crop to the face (data.face_detector; centre-crop fallback) before resizing. auto: on for the mask task (competition layout) when the RetinaFace detector is installed, else off. Measured on real faces (600 persons, fold 0, resnet10t 64x48, 3 epochs): no crop CV 0.146 / eval 0.138, Haar crop 0.207 / 0.211, RetinaFace crop 0.210 / 0.226.",
     )
     face_detector: Literal["retinaface", "haar"] = Field(
         "retinaface",
