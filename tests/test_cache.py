@@ -94,7 +94,7 @@ def test_no_half_cache_after_a_crash(tmp_path, monkeypatch):
     def boom(image, *args):
         raise RuntimeError("crash while decoding")
 
-    monkeypatch.setattr(cache_module, "prepare", boom)
+    monkeypatch.setattr(cache_module, "crop_resize", boom)  # the per-image step of build_cache
     with pytest.raises(RuntimeError):
         build_cache(paths, (32, 24), cache_dir=tmp_path / "c", workers=1)
     assert list((tmp_path / "c").iterdir()) == []

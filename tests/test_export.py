@@ -34,7 +34,13 @@ def _test_images(run_dir: Path) -> tuple[np.ndarray, pd.DataFrame]:
     cfg = load_config(run_dir / "config.yaml")
     source = load_source(cfg.data)
     d = cfg.data
-    cache = build_cache(source.test["path"].tolist(), d.image_size, face_crop=d.face_crop, center_crop=d.center_crop)
+    cache = build_cache(
+        source.test["path"].tolist(),
+        d.image_size,
+        face_crop=d.face_crop,
+        face_detector=d.face_detector,
+        center_crop=d.center_crop,
+    )
     return np.asarray(cache.open()), source.test
 
 
@@ -60,7 +66,14 @@ def test_run_export_matches_pytorch_and_submission(runs: Path) -> None:
     from pstage.data.cache import build_cache
 
     cfg = load_config(runs / "a" / "config.yaml")
-    cache = build_cache(test["path"].tolist(), cfg.data.image_size, center_crop=cfg.data.center_crop)
+    d = cfg.data
+    cache = build_cache(
+        test["path"].tolist(),
+        d.image_size,
+        face_crop=d.face_crop,
+        face_detector=d.face_detector,
+        center_crop=d.center_crop,
+    )
     expected = np.mean(
         [predict_probs(load_fold_module(c), cache.path, np.arange(len(test))) for c in fold_checkpoints(runs / "a")],
         axis=0,
@@ -77,7 +90,9 @@ def test_run_export_matches_pytorch_and_submission(runs: Path) -> None:
 
     spec = json.loads(result.preprocess.read_text())
     assert spec["input"]["dtype"] == "uint8" and spec["input"]["layout"] == "NHWC"
-    assert spec["preprocess"]["image_size"] == [32, 24] and spec["preprocess"]["face_crop"] is False
+    assert spec["preprocess"]["image_size"] == [32, 24]
+    # face_crop=auto on the competition layout: the run cropped with RetinaFace, and says so
+    assert spec["preprocess"]["face_crop"] is True and spec["preprocess"]["face_detector"] == "retinaface"
     assert spec["preprocess"]["center_crop"] == cfg.data.center_crop
     assert len(spec["classes"]) == 18 and set(spec["heads"]) == {"mask", "gender", "age"}
     assert spec["normalisation"][0]["mean"] and spec["normalisation"][0]["std"]

@@ -220,3 +220,12 @@ def test_pages_render_in_a_real_browser(eda_page, noisy_report, tmp_path):
     assert CHROMIUM, "PSTAGE_REQUIRE_BROWSER is set but chromium is not installed"
     _browser_check(eda_page[0])
     _browser_check(noisy_report[0])
+
+
+def test_eda_reports_the_face_detector_and_its_hit_rate(eda_page):
+    out, result = eda_page
+    html = out.read_text()
+    assert "The face detector <b>retinaface</b> (data.face_detector) finds a face in <b>" in html
+    assert "By mask state: wear <b>" in html and "incorrect <b>" in html and "not_wear <b>" in html
+    assert "data.face_crop=auto, so true here" in html
+    assert "of sampled photos by retinaface" in result.stdout

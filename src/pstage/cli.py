@@ -280,7 +280,11 @@ def eda(
     result = run_eda(data, out, config=config)
     for problem in result.problems[:3]:
         err.print(f"[yellow]data problem:[/] {problem}", soft_wrap=True)
-    rate = "" if result.face_hit_rate is None else f", face found in {result.face_hit_rate:.0%} of sampled photos"
+    rate = (
+        ""
+        if result.face_hit_rate is None
+        else f", face found in {result.face_hit_rate:.0%} of sampled photos by {result.face_detector}"
+    )
     print(
         f"EDA of {result.images:,} images / {result.persons:,} persons ({len(result.problems)} problem(s), "
         f"{len(result.duplicates)} near-duplicate pair(s) across persons{rate}) in {result.seconds:.1f}s -> {result.path}"

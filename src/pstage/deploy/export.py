@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pstage.config import Config, load_config
+from pstage.config import Config, load_run_config
 from pstage.core.errors import ConfigError, DataError, RunError
 from pstage.core.io import now, write_json
 from pstage.core.metrics import cv_scores, prob_columns
@@ -45,7 +45,7 @@ INT8_FILE = "model.int8.onnx"
 PREPROCESS_FILE = "preprocess.json"
 OPSET = 17
 FORMATS = ("onnx",)
-PREPROCESS_KEYS = ("image_size", "face_crop", "face_margin", "center_crop")
+PREPROCESS_KEYS = ("image_size", "face_crop", "face_margin", "face_detector", "center_crop")
 
 
 @dataclass
@@ -65,6 +65,7 @@ class Leaf:
             "image_size": [int(d.image_size[0]), int(d.image_size[1])],
             "face_crop": d.face_crop,
             "face_margin": d.face_margin if d.face_crop else None,
+            "face_detector": d.face_detector if d.face_crop else None,
             "center_crop": d.center_crop,
         }
 
@@ -152,7 +153,7 @@ def plan_export(run: str | Path, runs_dir: str | Path = "runs") -> Plan:
         if not checkpoints:
             raise RunError(f"{name}: no finished fold model (fold_*/best.ckpt) to export")
         folds = [int(p.parent.name.split("_")[1]) for p in checkpoints]
-        leaves.append(Leaf(name, path, load_config(path / "config.yaml"), checkpoints, folds))
+        leaves.append(Leaf(name, path, load_run_config(path / "config.yaml"), checkpoints, folds))
         return {"kind": "run", "name": name, "leaf": len(leaves) - 1}
 
     tree = walk(run_dir, info)
@@ -274,6 +275,7 @@ def oof_images(plan: Plan, data: str | Path | None = None) -> OOFImages:
         face_crop=d.face_crop,
         face_margin=d.face_margin,
         center_crop=d.center_crop,
+        face_detector=d.face_detector,
         cache_dir=d.cache_dir,
     )
     return OOFImages(
@@ -524,7 +526,7 @@ def _preprocess_spec(
         },
         "preprocess": {
             "decode": "OpenCV imdecode (IMREAD_COLOR: applies EXIF orientation) -> RGB; truncated JPEG/PNG refused",
-            "crop": "face crop (Haar cascade, margin face_margin) when face_crop, else centre crop keeping center_crop of the image at the output aspect",
+            "crop": "face crop (face_detector: retinaface or haar, box grown by face_margin) when face_crop, else (and when no face is found) centre crop keeping center_crop of the image at the output aspect",
             "resize": "cv2.resize to image_size (H, W): INTER_AREA when shrinking, else INTER_LINEAR",
             "normalize": "inside the graph: (x - mean) / std on the 0-255 scale, per member model",
             **p,

@@ -75,7 +75,7 @@ class Served:
     backend: str
     file: Path | None
     predict: Callable[[np.ndarray], np.ndarray]  # uint8 (N, H, W, 3) -> (N, C) probabilities
-    preprocess: dict[str, Any]  # image_size, face_crop, face_margin, center_crop
+    preprocess: dict[str, Any]  # image_size, face_crop, face_margin, face_detector, center_crop
     classes: list[str]
     heads: dict[str, list[str]]
     class_to_head: dict[str, list[int]]
@@ -113,7 +113,7 @@ def load_served(run: str | Path, runs: str | Path = "runs", backend: str = "auto
             "onnx-int8" if backend == "int8" else "onnx",
             file,
             predict,
-            spec["preprocess"],
+            served_crop(spec["preprocess"], name),
             task["classes"],
             task["heads"],
             task["class_to_head"],
@@ -140,7 +140,7 @@ def load_served(run: str | Path, runs: str | Path = "runs", backend: str = "auto
         "pytorch",
         None,
         predict_torch,
-        plan.preprocess,
+        served_crop(plan.preprocess, name),
         task.classes,
         task.heads,
         task.class_to_head,
@@ -150,6 +150,26 @@ def load_served(run: str | Path, runs: str | Path = "runs", backend: str = "auto
             ]
         },
     )
+
+
+def served_crop(preprocess: dict[str, Any], run: str) -> dict[str, Any]:
+    """``preprocess`` with its face detector named, refusing one that cannot run here.
+
+    Serving must crop as training did: falling back to another detector would shift every input.
+    An export written before ``face_detector`` existed cropped with Haar.
+    """
+    from pstage.data.faces import RETINAFACE_INSTALL, get_detector, unavailable  # OpenCV: only once a model is served
+
+    if not preprocess.get("face_crop"):
+        return {**preprocess, "face_detector": None}
+    detector = preprocess.get("face_detector") or "haar"
+    why = unavailable(detector)
+    if why is not None:
+        raise RunError(
+            f"{run} was trained on faces cropped by {detector}, which cannot run here ({why}): {RETINAFACE_INSTALL}"
+        )
+    get_detector(detector)  # load it now, not on the first request
+    return {**preprocess, "face_detector": detector}
 
 
 # --- images -------------------------------------------------------------------------------------
@@ -203,7 +223,12 @@ def read_image(data: bytes, name: str, preprocess: dict[str, Any], limits: Limit
     image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
     size = tuple(preprocess["image_size"])
     out, _ = prepare(
-        image, size, preprocess["face_crop"], preprocess.get("face_margin") or 0.6, preprocess["center_crop"]
+        image,
+        size,
+        preprocess["face_crop"],
+        preprocess.get("face_margin") or 0.6,
+        preprocess["center_crop"],
+        preprocess.get("face_detector") or "haar",
     )
     return out
 

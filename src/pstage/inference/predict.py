@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from pstage.config import Config, TTAConfig, batch_of, load_config
+from pstage.config import Config, TTAConfig, batch_of, load_run_config
 from pstage.core.devices import autocast_dtype, inference_device, resolve_precision
 from pstage.core.errors import DataError, RunError
 from pstage.core.io import now, write_csv, write_json
@@ -179,7 +179,7 @@ def predict(
         raise RunError(
             f"{run_dir}: run is {info.get('status', 'unknown')} with {len(checkpoints)} finished fold model(s); finish it with pstage train --name {run_dir.name} first"
         )
-    config = load_config(run_dir / "config.yaml")
+    config = load_run_config(run_dir / "config.yaml")
     task = Task.from_dict(info["task"])
     data_path = Path(data).expanduser().resolve() if data else (Path(config.data.path) if config.data.path else None)
     if data_path is None or not data_path.exists():
@@ -202,6 +202,7 @@ def predict(
         face_crop=d.face_crop,
         face_margin=d.face_margin,
         center_crop=d.center_crop,
+        face_detector=d.face_detector,
         cache_dir=d.cache_dir,
     )
     if cache.bad and d.on_bad_image == "error":

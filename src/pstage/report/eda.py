@@ -19,8 +19,10 @@ import numpy as np
 import pandas as pd
 
 from pstage.config import Config, load_config
+from pstage.core.tasks import MASK_NAMES
 from pstage.data.cache import BadImage, decode
 from pstage.data.faces import face_box
+from pstage.data.prepare import resolve_face_crop
 from pstage.data.sources import Source, load_source
 from pstage.report.pages import figure, image_tag, new_figure, page, table, tiles
 
@@ -41,6 +43,8 @@ class EdaResult:
     face_hit_rate: float | None
     problems: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    face_detector: str = ""  # the detector behind face_hit_rate
+    face_hit_rates: dict[str, float] = field(default_factory=dict)  # per mask state (mask task)
 
 
 def perceptual_hashes(paths: list[str]) -> np.ndarray:
@@ -215,35 +219,63 @@ def _duplicates_section(source: Source, pairs: pd.DataFrame) -> str:
     )
 
 
-def _faces_section(source: Source, cfg: Config, seed: int) -> tuple[str, float | None]:
+def _faces_section(source: Source, cfg: Config, seed: int) -> tuple[str, float | None, str, dict[str, float]]:
+    """What the face detector finds on sampled photos: its hit rate (per mask state for the mask task) and crops.
+
+    Returns the HTML, the hit rate, the detector's name and the hit rate per mask state.
+    """
+    data = resolve_face_crop(cfg.data)
+    detector = data.face_detector
     paths = source.train["path"].to_numpy()
     if not len(paths):
-        return "<p>No images.</p>", None
+        return "<p>No images.</p>", None, detector, {}
     rng = np.random.default_rng(seed)
-    sample = rng.choice(paths, size=min(FACE_SAMPLE, len(paths)), replace=False)
-    hits, crops, misses = 0, [], []
+    chosen = rng.choice(len(paths), size=min(FACE_SAMPLE, len(paths)), replace=False)
+    states = source.train["mask"].to_numpy()[chosen] if "mask" in source.train else None
+    found = np.zeros(len(chosen), bool)
+    crops, misses = [], []
     height, width = cfg.data.image_size
-    for path in sample:
+    for i, index in enumerate(chosen):
+        path = paths[index]
         image = _load(path)
         if image is None:
             continue
-        box = face_box(image, width / height, cfg.data.face_margin)
+        caption = f"{Path(path).parent.name}/{Path(path).name}"
+        box = face_box(image, width / height, cfg.data.face_margin, detector)
         if box is None:
             if len(misses) < 6:
-                misses.append((image, f"{Path(path).parent.name}/{Path(path).name}\nno face found"))
+                misses.append((image, f"{caption}\nno face found"))
             continue
-        hits += 1
+        found[i] = True
         if len(crops) < 12:
             x0, y0, x1, y1 = box
-            crops.append((image[y0:y1, x0:x1], f"{Path(path).parent.name}/{Path(path).name}"))
-    rate = hits / len(sample)
+            crops.append((image[y0:y1, x0:x1], caption))
+    rate = float(found.mean())
+    by_state = {}
+    if states is not None:
+        by_state = {
+            MASK_NAMES[m]: float(found[states == m].mean()) for m in range(len(MASK_NAMES)) if (states == m).any()
+        }
+    per_state = (
+        " By mask state: "
+        + ", ".join(
+            f"{name} <b>{hit:.0%}</b> ({int((states == MASK_NAMES.index(name)).sum())})"
+            for name, hit in by_state.items()
+        )
+        + "."
+        if by_state
+        else ""
+    )
+    setting = cfg.data.face_crop if cfg.data.face_crop != "auto" else f"auto, so {str(data.face_crop).lower()} here"
     text = (
-        f"<p>The Haar face detector (data.face_crop=true) finds a face in <b>{hits}/{len(sample)}</b> sampled photos "
-        f"({rate:.0%}); the rest fall back to a centre crop. Crops it makes (face_margin {cfg.data.face_margin}):</p>"
+        f"<p>The face detector <b>{detector}</b> (data.face_detector) finds a face in <b>{int(found.sum())}/{len(chosen)}</b> "
+        f"sampled photos ({rate:.0%}); the rest fall back to a centre crop.{per_state} "
+        f"The face crop is {'on' if data.face_crop else 'off'} for this data (data.face_crop={setting}). "
+        f"Crops it makes (face_margin {cfg.data.face_margin}):</p>"
         + tiles(crops)
         + ("<p>Photos where it finds none:</p>" + tiles(misses) if misses else "")
     )
-    return text, rate
+    return text, rate, detector, by_state
 
 
 def eda(
@@ -267,7 +299,7 @@ def eda(
     ]
     hashes = perceptual_hashes(train["path"].tolist())
     pairs = near_duplicates(hashes, train["group"].to_numpy())
-    faces_html, face_rate = _faces_section(source, cfg, cfg.seed)
+    faces_html, face_rate, detector, face_rates = _faces_section(source, cfg, cfg.seed)
     counts = Counter(train["target"].tolist())
     test_count = 0 if source.test is None else len(source.test)
     summary = table(
@@ -310,4 +342,6 @@ def eda(
         face_rate,
         problems,
         time.time() - started,
+        detector,
+        face_rates,
     )

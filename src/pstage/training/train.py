@@ -31,7 +31,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.callbacks.weight_averaging import EMAWeightAveraging
 
-from pstage.config import Config, batch_of, diff_configs, dump_config, load_config
+from pstage.config import Config, batch_of, diff_configs, dump_config, load_config, load_run_config
 from pstage.core.console import console, quiet_lightning
 from pstage.core.devices import inference_device, is_rank_zero, resolve_precision
 from pstage.core.errors import ConfigError, DataError, RunError
@@ -40,7 +40,7 @@ from pstage.core.metrics import cv_scores, macro_f1, prob_columns
 from pstage.data.augment import build_transforms
 from pstage.data.cache import CacheInfo
 from pstage.data.datasets import CachedImages, FoldData, resolve_workers
-from pstage.data.prepare import prepare_caches
+from pstage.data.prepare import prepare_caches, resolve_face_crop
 from pstage.data.sources import Source, detect_kind, load_source
 from pstage.data.split import check_folds, make_folds
 from pstage.inference.persons import describe_grouping, group_run
@@ -156,6 +156,10 @@ def train(
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+=-]*", name):
         raise ConfigError(f"run name '{name}': use letters, digits and . _ + = - (it becomes a folder name)")
     run_dir = (Path(runs).expanduser() / name).resolve()
+    if cfg.data.face_crop == "auto" and (run_dir / "config.yaml").exists():  # a resumed run keeps its crop
+        saved = load_run_config(run_dir / "config.yaml").data
+        cfg.data.face_crop, cfg.data.face_detector = saved.face_crop, saved.face_detector
+    cfg.data = resolve_face_crop(cfg.data)  # config.yaml records the crop and detector actually used
     if not rank0:
         _run(cfg, run_dir, rank0=False, fold_callbacks=fold_callbacks)
         return None
@@ -170,7 +174,7 @@ def _start(cfg: Config, run_dir: Path) -> dict[str, Any]:
     info: dict[str, Any] = {}
     if (run_dir / RUN_FILE).exists():
         info = load_run_info(run_dir)
-        saved = load_config(run_dir / "config.yaml").to_dict()
+        saved = load_run_config(run_dir / "config.yaml").to_dict()
         changes = [c for c in diff_configs(saved, cfg.to_dict()) if not c[0].startswith(RESUMABLE_KEYS)]
         if changes:
             key, old, new = changes[0]
@@ -288,7 +292,7 @@ def _run(
             **({"recipes": recipes} if recipes else {}),
             finished=now(),
             folds_trained=_finished_folds(run_dir),
-            data=_data_summary(source, test_cache),
+            data=_data_summary(source, train_cache, test_cache),
             skipped=source.skipped,
         )
         return _result(run_dir, info)
@@ -346,14 +350,26 @@ def _result(run_dir: Path, info: dict[str, Any]) -> RunResult:
     )
 
 
-def _data_summary(source: Source, test_cache: CacheInfo | None) -> dict[str, Any]:
-    return {
+def _data_summary(source: Source, train_cache: CacheInfo, test_cache: CacheInfo | None) -> dict[str, Any]:
+    summary: dict[str, Any] = {
         "path": str(source.root),
         "kind": source.kind,
         "train_images": len(source.train),
         "groups": int(source.train["group"].nunique()),
         "test_images": test_cache.count if test_cache else 0,
     }
+    if train_cache.detector:  # the face crop: which detector, and how often it found a face
+        summary["face_crop"] = {
+            name: {
+                "detector": cache.detector,
+                "faces_found": cache.faces_found,
+                "images": cache.faces_found + cache.faces_missed,
+                "hit_rate": round(cache.face_hit_rate or 0.0, 4),
+            }
+            for name, cache in (("train", train_cache), ("test", test_cache))
+            if cache is not None
+        }
+    return summary
 
 
 def _finished_folds(run_dir: Path) -> list[int]:
