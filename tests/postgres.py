@@ -12,7 +12,6 @@ import glob
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -20,6 +19,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import free_port
 
 
 def pg_bin(tool: str) -> str:
@@ -31,12 +32,6 @@ def pg_bin(tool: str) -> str:
             pytrace=False,
         )
     return found
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _as_server_user() -> tuple[dict, pwd.struct_passwd | None]:
