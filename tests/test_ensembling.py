@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from sklearn.linear_model import LogisticRegression
 
 import pstage
 from pstage.core.errors import ConfigError, RunError
@@ -209,3 +210,53 @@ def test_cli_ensemble(runs):
         and "nested CV 1.0000" in out.stdout
     )
     assert (runs / "sub.csv").read_text() == (runs / "cli-ens" / "submission.csv").read_text()
+
+
+def _estimators() -> dict[str, object]:
+    """Every registered ensemble method, and the --calibrate estimator (one member's probabilities)."""
+    from pstage.ensembling.methods import METHODS, ClassWeights
+
+    return {**{name: METHODS.get(name) for name in METHODS.names()}, "calibrate": ClassWeights}
+
+
+@pytest.mark.parametrize("name", list(_estimators()))
+@pytest.mark.parametrize("classes", [3, 2])
+def test_every_method_torch_graph_equals_its_numpy_output(name, classes):
+    """to_torch() (what export puts in the ONNX graph) computes predict_proba's numbers, on any leading shape."""
+    import torch
+
+    rng = np.random.default_rng(3)
+    targets, folds = targets_and_folds()
+    if classes == 3:
+        targets = np.where(targets == 2, 0, targets)  # class 2 never a target: the stacker must give it 0
+    else:
+        targets = targets % 2  # two classes: scikit-learn's binary form of the stacker (one logit)
+    members = 1 if name == "calibrate" else 3
+    probs = [rng.dirichlet(np.ones(classes), size=N) for _ in range(members)]
+    method = _estimators()[name]().fit(probs, targets, folds)
+    graph = method.to_torch()
+    fresh = [rng.dirichlet(np.ones(classes), size=(7, 4)) for _ in range(members)]  # (N, K folds, C), as fold_probs
+    for batch in (fresh, [p[:, 0] for p in fresh]):
+        expected = method.predict_proba(batch)
+        with torch.no_grad():
+            got = graph([torch.tensor(p, dtype=torch.float32) for p in batch]).numpy()
+        assert got.shape == expected.shape == (*batch[0].shape[:-1], classes)
+        assert np.allclose(got, expected, atol=1e-5)
+        assert np.allclose(expected.sum(-1), 1.0)
+    if name == "stack" and classes == 3:
+        assert (method.predict_proba(fresh)[..., 2] == 0).all()  # a class the stacker never saw gets 0
+
+
+def test_stacker_record_restores_the_fitted_method():
+    """run.json's stacker (what export and serve rebuild from) gives the fitted stacker's probabilities."""
+    from pstage.ensembling.methods import Stack
+
+    targets, folds = targets_and_folds()
+    probs = list(constructed_members().values())
+    stack = Stack().fit(probs, targets, folds)
+    restored = Stack.restore([1 / 3] * 3, json.loads(json.dumps(stack.record())), 3)
+    assert np.allclose(restored.predict_proba(probs), stack.predict_proba(probs), atol=1e-4)
+    # the stacker is scikit-learn's logistic regression: its own predict_proba agrees with the shared maths
+    features = np.log(np.clip(np.concatenate(probs, 1), 1e-6, 1))
+    fitted = LogisticRegression(C=1.0, max_iter=2000, class_weight="balanced").fit(features, targets)
+    assert np.allclose(fitted.predict_proba(features), stack.predict_proba(probs), atol=1e-6)

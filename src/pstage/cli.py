@@ -7,6 +7,7 @@ Only typer and rich are imported at start-up; each command imports what it needs
 from __future__ import annotations
 
 import functools
+import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -50,6 +51,48 @@ def _print_result(result: Any) -> None:
     print_run(result.path)
 
 
+STORE_HELP = "Team store: an MLflow tracking server, http://HOST:PORT (default: $PSTAGE_STORE)."
+
+
+def _store_option() -> Any:
+    return typer.Option(None, "--store", envvar="PSTAGE_STORE", help=STORE_HELP, show_envvar=False)
+
+
+def _checked_store(store: str | None) -> str | None:
+    """A malformed store address stops at once (before any training); None means no store."""
+    from pstage.runs.store import store_uri
+
+    return store_uri(store)
+
+
+def _publish_after(path: Path, store: str | None, checkpoints: bool = False) -> None:
+    """Publish a finished run; a store that is down is one warning line, never a failed command."""
+    if not store:
+        return
+    from rich.markup import escape
+
+    from pstage.runs.store import StoreError, masked, publish
+
+    try:
+        done = publish(path, store, checkpoints=checkpoints)
+    except StoreError as exc:
+        err.print(
+            f"[yellow]not published:[/] {escape(str(exc))}; the run is kept locally, publish it later: "
+            f"pstage push {path} --store {masked(store)}",
+            soft_wrap=True,
+        )
+        return
+    what = "unchanged" if done.unchanged else f"{done.uploaded} file(s) uploaded"
+    print(f"published {done.name} ({what}) -> {done.url}")
+
+
+def _on_demand(run: str, runs: Path, store: str | None, checkpoints: bool = True) -> str:
+    """RUN as a local folder, pulled from the store first when it is only there."""
+    from pstage.runs.store import locate
+
+    return locate(run, runs, _checked_store(store), checkpoints=checkpoints, say=lambda line: err.print(line))
+
+
 @app.command(context_settings={"allow_extra_args": False})
 @friendly
 def train(
@@ -68,16 +111,22 @@ def train(
     name: str | None = typer.Option(
         None, "--name", "-n", help="Run name (default: <model>-<date>). The same name resumes."
     ),
+    store: str | None = _store_option(),
+    with_checkpoints: bool = typer.Option(
+        False, "--with-checkpoints", help="Publish the fold checkpoints too (teammates can predict, export, serve)."
+    ),
 ) -> None:
     """Train a K-fold cross-validated run: OOF + test probabilities, submission.csv, run.json."""
     from pstage.config import load_config
 
+    store = _checked_store(store)
     resolved = load_config(config, overrides or [])  # config errors answer before torch is imported
     from pstage.training.train import train as train_run
 
     result = train_run(resolved, data=data, runs=runs, name=name)
     if result is not None:  # None in non-zero DDP ranks
         _print_result(result)
+        _publish_after(result.path, store, with_checkpoints)
 
 
 @app.command()
@@ -93,11 +142,12 @@ def predict(
     tta: bool = typer.Option(False, "--tta", help="Average over test-time augmentations (tta.* in the config)."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Output CSV (default: in the run directory)."),
     runs: Path = typer.Option(Path("runs"), "--runs", help="Folder holding run directories."),
+    store: str | None = _store_option(),
 ) -> None:
-    """Predict with a finished run's fold models."""
+    """Predict with a finished run's fold models (a teammate's published run is pulled first)."""
     from pstage.runs.rundir import resolve_run
 
-    run_dir = resolve_run(run, runs)  # a wrong name answers before torch is imported
+    run_dir = resolve_run(_on_demand(run, runs, store), runs)  # a wrong name answers before torch is imported
     from pstage.inference.predict import predict as predict_run
 
     result = predict_run(run_dir, data, runs=runs, tta=tta, out=out)
@@ -115,8 +165,8 @@ def predict(
 @app.command()
 @friendly
 def board(
-    runs: list[Path] = typer.Option(
-        [Path("runs")], "--runs", help="Run folder(s) to list; repeat for a teammate's shared folder."
+    runs: list[Path] | None = typer.Option(
+        None, "--runs", help="Run folder(s) to list (default ./runs); repeat for a teammate's shared folder."
     ),
     contains: str | None = typer.Option(
         None, "--filter", "-f", help="Only runs whose name, model or user contains this text."
@@ -125,17 +175,56 @@ def board(
         "cv", "--sort", "-s", help="cv, mask, gender, age, tta, created, duration, name, model or user (-KEY reverses)."
     ),
     html: Path | None = typer.Option(None, "--html", help="Also write the board as a self-contained HTML page."),
+    store: str | None = _store_option(),
 ) -> None:
     """List finished runs, best CV first (unfinished or broken run folders are listed as skipped)."""
     from pstage.core.console import console
     from pstage.report.board import board_html, board_table, load_board
 
-    found = load_board(runs, contains=contains, sort=sort)
+    store = _checked_store(store)
+    if runs is None:  # ./runs by default; with a store, only if there is one
+        runs = [Path("runs")] if Path("runs").is_dir() or not store else []
+    found = load_board(runs, contains=contains, sort=sort, store=store)
     console.print(board_table(found, title="board"))
     for path, why in found.skipped:
         console.print(f"[dim]skipped {path}: {why}[/]", soft_wrap=True)
     if html is not None:
         print(f"board page -> {board_html(found, html)}")
+
+
+@app.command()
+@friendly
+def push(
+    run: str = typer.Argument(..., help="Finished run directory or run name under --runs."),
+    store: str = typer.Option(..., "--store", envvar="PSTAGE_STORE", help=STORE_HELP, show_envvar=False),
+    with_checkpoints: bool = typer.Option(
+        False, "--with-checkpoints", help="Publish the fold checkpoints too (teammates can predict, export, serve)."
+    ),
+    runs: Path = typer.Option(Path("runs"), "--runs", help="Folder holding run directories."),
+) -> None:
+    """Publish a finished run to the team store (again: only what changed; completes an interrupted publish)."""
+    from pstage.runs.store import publish
+
+    done = publish(run, _checked_store(store) or "", runs_dir=runs, checkpoints=with_checkpoints)
+    what = "unchanged" if done.unchanged else f"{done.uploaded} file(s) uploaded"
+    print(f"published {done.name} ({what}) -> {done.url}")
+
+
+@app.command()
+@friendly
+def pull(
+    run: str = typer.Argument(..., help="A published run: user/name, a name only one teammate has, or its uid."),
+    store: str = typer.Option(..., "--store", envvar="PSTAGE_STORE", help=STORE_HELP, show_envvar=False),
+    with_checkpoints: bool = typer.Option(
+        False, "--with-checkpoints", help="Fetch the fold checkpoints too (needed by predict, export, serve, report)."
+    ),
+    runs: Path = typer.Option(Path("runs"), "--runs", help="Local runs folder; the run lands in RUNS/<user>/<name>."),
+) -> None:
+    """Copy a teammate's published run into the local runs folder (checksummed, resumable, cached)."""
+    from pstage.runs.store import pull as pull_run
+
+    path, fetched = pull_run(run, _checked_store(store) or "", runs, checkpoints=with_checkpoints)
+    print(f"{path} ({fetched} file(s) downloaded)" if fetched else f"{path} (up to date)")
 
 
 @app.command()
@@ -157,16 +246,22 @@ def ensemble(
     ),
     rounds: int = typer.Option(50, "--rounds", help="Hill climbing: selection steps (the best prefix is kept)."),
     runs: Path = typer.Option(Path("runs"), "--runs", help="Folder holding run directories."),
+    store: str | None = _store_option(),
 ) -> None:
-    """Blend runs on their OOF predictions; the ensemble is written as a run (board, predict, serve)."""
+    """Blend runs on their OOF predictions; the ensemble is written as a run (board, predict, serve).
+
+    With --store, members that are not in --runs are pulled from the team store (user/name or a
+    name), and the ensemble is published there.
+    """
     from pstage.ensembling.ensemble import ensemble as make_ensemble
     from pstage.report.summary import print_ensemble
 
-    print_ensemble(
-        make_ensemble(
-            members, method=method, name=name, runs_dir=runs, out=out, calibrate=calibrate, tta=tta, rounds=rounds
-        )
+    located = [_on_demand(m, runs, store, checkpoints=False) for m in members]
+    result = make_ensemble(
+        located, method=method, name=name, runs_dir=runs, out=out, calibrate=calibrate, tta=tta, rounds=rounds
     )
+    print_ensemble(result)
+    _publish_after(result.path, _checked_store(store))
 
 
 @app.command()
@@ -206,11 +301,12 @@ def report(
     ),
     out: Path | None = typer.Option(None, "--out", "-o", help="Where to write the page (default RUN/report.html)."),
     runs: Path = typer.Option(Path("runs"), "--runs", help="Folder holding run directories."),
+    store: str | None = _store_option(),
 ) -> None:
     """Write RUN/report.html: CV per fold, curves, confusion matrices, per-class F1, mistakes with Grad-CAM."""
     from pstage.runs.rundir import Run, resolve_run
 
-    run_dir = resolve_run(run, runs)
+    run_dir = resolve_run(_on_demand(run, runs, store), runs)
     if relabel is not None:
         from pstage.core.tasks import Task
         from pstage.report.audit import relabel as make_overrides
@@ -278,6 +374,7 @@ def tune_command(
     show: bool = typer.Option(
         False, "--show", help="Only report the study: best trials, best config, importances, plots."
     ),
+    store: str | None = _store_option(),
 ) -> None:
     """Search hyper-parameters (tune.space) with Optuna; every completed trial is a normal run."""
     from pstage.core.errors import PstageError
@@ -285,10 +382,11 @@ def tune_command(
     try:
         from pstage.config import load_config
 
+        store = None if show else _checked_store(store)
         resolved = load_config(config, overrides or [])  # config errors answer before torch is imported
         from pstage.tuning.tune import tune as run_tune
 
-        run_tune(
+        result = run_tune(
             resolved,
             trials=trials,
             storage=storage,
@@ -299,6 +397,10 @@ def tune_command(
             backend=backend,
             show=show,
         )
+        if store and result is not None:  # every finished trial run of the study
+            for trial in sorted(runs.glob(f"{result.study}-[0-9]*/run.json")):
+                if json.loads(trial.read_text()).get("status") == "done":
+                    _publish_after(trial.parent, store)
     except PstageError as exc:  # like @friendly, with the message escaped: it may hold [brackets]
         from rich.markup import escape
 
@@ -340,11 +442,12 @@ def export_command(
     ),
     out: Path | None = typer.Option(None, "--out", "-o", help="Export folder (default: <run>/export)."),
     runs: Path = typer.Option(Path("runs"), "--runs", help="Folder holding run directories."),
+    store: str | None = _store_option(),
 ) -> None:
     """Export a run (all fold models) or an ensemble (with its weights) to one ONNX graph + preprocess.json."""
     from pstage.runs.rundir import resolve_run
 
-    run_dir = resolve_run(run, runs)  # a wrong name answers before torch is imported
+    run_dir = resolve_run(_on_demand(run, runs, store), runs)  # a wrong name answers before torch is imported
     from pstage.deploy.export import export
 
     result = export(run_dir, runs=runs, format=format, int8=int8, data=data, out=out, score=score or None)
@@ -378,10 +481,12 @@ def serve_command(
     max_images: int = typer.Option(64, "--max-images", help="Most images per request."),
     max_batch: int = typer.Option(32, "--max-batch", help="Most images the model runs at once across requests."),
     runs: Path = typer.Option(Path("runs"), "--runs", help="Folder holding run directories."),
+    store: str | None = _store_option(),
 ) -> None:
     """Serve a run over HTTP: POST /predict, GET /health, GET /model, docs at /docs."""
     from pstage.runs.rundir import resolve_run
 
+    run = _on_demand(run, runs, store)
     resolve_run(run, runs)
     from pstage.deploy.export import require
 
@@ -420,10 +525,12 @@ def distill_command(
     temperature: float | None = typer.Option(None, "--temperature", "-T", help="KD temperature (distill.temperature)."),
     alpha: float | None = typer.Option(None, "--alpha", help="Weight of the KD term vs hard labels (distill.alpha)."),
     runs: Path = typer.Option(Path("runs"), "--runs", help="Folder holding run directories."),
+    store: str | None = _store_option(),
 ) -> None:
     """Train one student run on a teacher's (ensemble's) OOF soft labels, on the teacher's exact split."""
     from pstage.runs.rundir import resolve_run
 
+    store = _checked_store(store)
     resolve_run(teacher, runs)
     from pstage.distillation import distill
 
@@ -431,6 +538,7 @@ def distill_command(
         teacher, name=name, data=data, runs=runs, overrides=overrides or [], temperature=temperature, alpha=alpha
     )
     _print_result(result.student)
+    _publish_after(result.student.path, store)
     print(
         f"teacher {result.teacher} CV {result.teacher_cv:.4f} -> student {result.student.name} CV {result.student_cv:.4f} "
         f"({result.student_cv - result.teacher_cv:+.4f}); speed {result.teacher_ips:,.0f} -> {result.student_ips:,.0f} img/s "

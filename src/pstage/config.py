@@ -34,6 +34,14 @@ def _pair(value: Any) -> Any:
 Size = Annotated[tuple[int, int], BeforeValidator(_pair)]
 
 
+# Names picked from a registry (model.head, model.classifier, model.age_head, loss.name, log.loggers,
+# tune.pruner) are plain strings here, not Literal types: the registries live in the stages above
+# this layer (models, training, tuning), which this module may not import, and a Literal would be a
+# second list to keep in step with them. Each command checks them at its edge before any work
+# (pstage.core.registry.check_config), with the same one-line error: the registered names and the
+# closest one.
+
+
 class Section(BaseModel):
     """A config section: unknown keys are errors, values are re-validated on assignment."""
 
@@ -136,22 +144,27 @@ class ModelConfig(Section):
         "resnet10t",
         description="Any timm model name. resnet10t measured best on the demo data: macro F1 0.55 vs resnet18 0.47 at 0.65x the time; MobileNetV3-small 0.30 (from scratch).",
     )
-    pretrained: bool = Field(
-        False, description="Load timm's pretrained weights (needs the Hugging Face hub or its cache)."
+    pretrained: Literal["auto"] | bool = Field(
+        "auto",
+        description="Start from ImageNet weights: auto = a registry package that ships them (tf_efficientnet_lite0), else timm's from the Hugging Face cache, else the hub if it answers within 3 s, else from scratch (one line says which; run.json weights.source); true = the same but fail if none; false = from scratch.",
+    )
+    weights: str | None = Field(
+        None,
+        description="A local checkpoint for the backbone (air-gapped servers; overrides pretrained): a .pth/.pt/.safetensors state dict, plain or under 'state_dict'/'model', or a pstage fold best.ckpt. The classifier head is skipped; one line reports tensors loaded/missing/unexpected.",
     )
     pool: Literal["avg", "gem"] = Field(
         "avg", description="Global pooling: average or GeM (generalised mean, learnable p)."
     )
-    head: Literal["linear", "multi"] = Field(
+    head: str = Field(
         "linear",
         description="linear: one softmax over the classes; multi: mask, gender and age heads whose product gives the class probability (mask task only; 0.51 vs linear 0.55 on the demo data).",
     )
     drop_rate: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout before the classifier.")
-    age_head: Literal["classify", "regress", "ordinal"] = Field(
+    age_head: str = Field(
         "classify",
         description="Age head of model.head=multi: classify (softmax over the buckets); regress (predicts the age in years: smooth-L1 on the standardised age + bucket NLL, bucket probabilities from a Gaussian of learned width integrated over the bucket intervals; needs numeric ages); ordinal (CORAL-style cumulative logits over the buckets).",
     )
-    classifier: Literal["linear", "arcface"] = Field(
+    classifier: str = Field(
         "linear",
         description="Each classification head: linear, or arcface (cosine logits with an additive angular margin in training, scaled-cosine softmax for probabilities).",
     )
@@ -165,9 +178,7 @@ class ModelConfig(Section):
 
 
 class LossConfig(Section):
-    name: Literal["ce", "focal", "f1"] = Field(
-        "ce", description="ce: cross-entropy; focal: focal loss; f1: soft macro-F1."
-    )
+    name: str = Field("ce", description="ce: cross-entropy; focal: focal loss; f1: soft macro-F1.")
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="Label smoothing for ce and focal.")
     focal_gamma: float = Field(2.0, ge=0.0, description="Focusing parameter of the focal loss.")
     class_weights: Literal["none", "balanced"] = Field(
@@ -198,7 +209,10 @@ class TrainConfig(Section):
         ge=1,
         description="Epochs per fold; the best epoch by validation macro F1 is kept. resnet10t on the demo data: 10 epochs 0.55, 15 epochs 0.55 at 1.6x the time.",
     )
-    batch_size: int = Field(64, ge=1, description="Images per step per device.")
+    batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        64,
+        description="Images per step per device. auto: on a GPU the largest batch that fits (a forward/backward probe, doubling from 64, at most 1024 and 1/16 of the training images), with optim.lr scaled by sqrt(batch/64) for adaptive optimizers (AdamW, LAMB, ...) or batch/64 for SGD-like ones; on CPU 64, the measured default. The resolved batch and lr are in run.json.",
+    )
     precision: str = Field(
         "auto",
         description="auto picks bf16-mixed where the device computes bf16 fast (recent GPUs, CPUs with AMX/AVX512-BF16), 16-mixed on older GPUs, else 32-true; or any Lightning precision.",
@@ -258,6 +272,14 @@ class TrainConfig(Section):
         return value
 
 
+DEFAULT_BATCH = 64  # train.batch_size=auto off the GPU, and before pstage train resolves it
+
+
+def batch_of(train: TrainConfig) -> int:
+    """train.batch_size as a number (auto: 64; pstage train replaces auto by the resolved size)."""
+    return train.batch_size if isinstance(train.batch_size, int) else DEFAULT_BATCH
+
+
 class CutMixConfig(Section):
     p: float = Field(0.0, ge=0.0, le=1.0, description="Probability that a batch is CutMix-ed.")
     alpha: float = Field(1.0, gt=0.0, description="Beta(alpha, alpha) draw of the mixed area (random mode).")
@@ -280,6 +302,10 @@ class AugmentConfig(Section):
         None,
         description="Replaces the preset: a list of albumentations transforms, e.g. [{HorizontalFlip: {p: 0.5}}, ToGray].",
     )
+    device: Literal["auto"] | bool = Field(
+        "auto",
+        description="Where the preset runs: true (batched on the training device after the transfer, kornia; the loader only slices the cache), false (albumentations per image in loader workers), auto = true with a CUDA device unless augment.transforms is set (on CPU the batched warp measured slower than albumentations in a worker: benchmarks/throughput.py).",
+    )
     cutmix: CutMixConfig = Field(default_factory=CutMixConfig)
     mixup: MixUpConfig = Field(default_factory=MixUpConfig)
 
@@ -300,9 +326,7 @@ class TTAConfig(Section):
 
 
 class LogConfig(Section):
-    loggers: list[Literal["tensorboard", "csv", "wandb", "mlflow"]] = Field(
-        ["tensorboard"], description="Experiment trackers; logs go to <run>/logs."
-    )
+    loggers: list[str] = Field(["tensorboard"], description="Experiment trackers; logs go to <run>/logs.")
     wandb_project: str = Field("pstage", description="W&B project (WANDB_MODE=offline works without a network).")
     mlflow_tracking_uri: str | None = Field(
         None, description="MLflow tracking URI; default a SQLite store shared by the runs folder (runs/mlflow.db)."
@@ -396,7 +420,7 @@ class TuneConfig(Section):
     startup_trials: int = Field(
         5, ge=0, description="TPE: random trials before the model of good/bad regions kicks in."
     )
-    pruner: Literal["median", "halving", "hyperband", "threshold", "none"] = Field(
+    pruner: str = Field(
         "median",
         description="Stop unpromising trials early: median (below the median of earlier trials at the same step), halving (successive halving), hyperband, threshold (below prune_below), none.",
     )
@@ -475,6 +499,25 @@ class PseudoConfig(Section):
     soft: bool = Field(False, description="Train on the teacher's probabilities instead of its top class (hard label).")
 
 
+class PersonsConfig(Section):
+    group: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Person-consistent predictions (mask task): group test photos by identity (fold models' features, average-linkage clustering) and share gender/age within a group. auto: applied when it raises the run's OOF CV; on: always; off: never.",
+    )
+    threshold: float | None = Field(
+        None,
+        gt=0.0,
+        le=2.0,
+        description="Cosine-distance cut of the grouping; null: the cut with the best grouped OOF CV.",
+    )
+
+    @field_validator("group", mode="before")
+    @classmethod
+    def _yaml_switch(cls, value: Any) -> Any:
+        """YAML reads on/off as booleans: map them back to the switch's words."""
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
+
 class Config(Section):
     """The whole, resolved configuration of one run."""
 
@@ -491,6 +534,7 @@ class Config(Section):
     tune: TuneConfig = Field(default_factory=TuneConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
     pseudo: PseudoConfig = Field(default_factory=PseudoConfig)
+    persons: PersonsConfig = Field(default_factory=PersonsConfig)
 
     @model_validator(mode="after")
     def _folds_in_range(self) -> Config:

@@ -1,4 +1,5 @@
-"""Augmentation: albumentations presets per image, CutMix/MixUp per batch.
+"""Augmentation: albumentations per image in the loader (custom pipelines, or the presets with
+augment.device=false), CutMix/MixUp per batch; the presets run on the device by default (device_augment.py).
 
 Per-image transforms run on the cached uint8 images in the data loader; batch mixing runs in the
 training step on normalised tensors and mixes the (soft) targets with the same weights.
@@ -81,12 +82,31 @@ def _transform(index: int, spec: Any) -> A.BasicTransform:
         raise ConfigError(f"{where}: invalid parameters for {name}: {first[0] if first else exc}") from None
 
 
+def on_device(cfg: AugmentConfig) -> bool:
+    """Whether the preset runs on the device (device_augment.py): augment.device true/false, or auto =
+    on a CUDA machine unless ``augment.transforms`` lists a custom albumentations pipeline.
+
+    Measured (benchmarks/throughput.py): on CPU the batched warp costs more than albumentations
+    in a loader worker, which also overlaps the model's step, so auto keeps CPUs on the loader.
+    """
+    if cfg.device == "auto":
+        return cfg.transforms is None and torch.cuda.is_available()
+    if cfg.device is True and cfg.transforms is not None:
+        raise ConfigError(
+            "augment.device=true runs the presets on the device; augment.transforms (albumentations, per image) runs in the loader: set augment.device=auto or false"
+        )
+    return cfg.device is True
+
+
 def build_transforms(cfg: AugmentConfig, seed: int | None = None) -> A.Compose | None:
-    """The per-image training transforms (None when there are none, so loading can batch-slice).
+    """The per-image training transforms (None when there are none or the preset runs on the
+    device, so loading can batch-slice).
 
     albumentations keeps its own random state, which global seeding does not reach: ``seed``
     makes the draws reproducible (DataLoader workers re-seed it per worker, see datasets.py).
     """
+    if on_device(cfg):
+        return None
     transforms = (
         [_transform(i, spec) for i, spec in enumerate(cfg.transforms)]
         if cfg.transforms is not None

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
-from pstage.config import Config  # noqa: E402
+from pstage.config import Config, batch_of  # noqa: E402
 from pstage.data.cache import open_images  # noqa: E402
 
 
@@ -212,10 +212,8 @@ class FoldData(L.LightningDataModule):
         train = self.config.train
         sampler = balanced_sampler(self.train_set.targets, self.config.seed) if train.sampler == "balanced" else None
         # drop_last avoids a size-1 last batch, which BatchNorm rejects in training mode
-        drop = len(self.train_set) > train.batch_size
-        return make_loader(
-            self.train_set, train.batch_size, self.workers, shuffle=True, sampler=sampler, drop_last=drop
-        )
+        drop = len(self.train_set) > batch_of(train)
+        return make_loader(self.train_set, batch_of(train), self.workers, shuffle=True, sampler=sampler, drop_last=drop)
 
     def val_dataloader(self) -> DataLoader:
-        return make_loader(self.val_set, self.config.train.batch_size * 2, 0)
+        return make_loader(self.val_set, batch_of(self.config.train) * 2, 0)

@@ -36,6 +36,7 @@ from pstage.core.errors import ConfigError, DataError, RunError
 from pstage.core.io import now, write_json
 from pstage.core.metrics import cv_scores, prob_columns
 from pstage.core.tasks import Task
+from pstage.ensembling.methods import METHODS, ClassWeights
 from pstage.runs.rundir import RunLock, load_run_info, resolve_run
 
 EXPORT_DIR = "export"
@@ -191,38 +192,24 @@ def build_model(plan: Plan) -> Any:
             return per_fold.mean(1), per_fold
 
     class EnsembleGraph(nn.Module):
-        """A blend (weights) or stack (logistic regression on log-probabilities), then calibration."""
+        """The ensemble's method (blend weights or stacker), then calibration: the estimators' own torch maths."""
 
         def __init__(self, node: dict[str, Any]):
             super().__init__()
             self.members = nn.ModuleList(build(m) for m in node["members"])
-            self.weights = [float(m["weight"]) for m in node["members"]]
-            stacker = node["stacker"]
-            self.stack = stacker is not None
-            if self.stack:
-                coef = torch.tensor(stacker["coef"], dtype=torch.float32)
-                intercept = torch.tensor(stacker["intercept"], dtype=torch.float32)
-                if coef.shape[0] == 1 and len(stacker["classes"]) == 2:  # scikit-learn's binary form: one logit
-                    coef, intercept = torch.cat([torch.zeros_like(coef), coef]), torch.cat([intercept * 0, intercept])
-                scatter = torch.zeros(len(stacker["classes"]), num_classes)
-                scatter[torch.arange(len(stacker["classes"])), torch.tensor(stacker["classes"])] = 1.0
-                self.register_buffer("coef", coef.T.contiguous())
-                self.register_buffer("intercept", intercept)
-                self.register_buffer("scatter", scatter)  # classes the stacker never saw get probability 0
-                self.clip = float(stacker["clip"])
-            weights = node["class_weights"]
-            self.register_buffer("class_weights", torch.tensor(weights, dtype=torch.float32) if weights else None)
+            weights = [float(m["weight"]) for m in node["members"]]
+            method = METHODS.get(node["method"], "ensemble.method").restore(weights, node["stacker"], num_classes)
+            self.method = method.to_torch()
+            calibration = node["class_weights"]
+            self.calibration = (
+                ClassWeights.restore([], {"class_weights": calibration}, num_classes).to_torch()
+                if calibration
+                else None
+            )
 
         def combine(self, probs: list[torch.Tensor]) -> torch.Tensor:
-            if self.stack:
-                features = torch.cat(probs, -1).clamp(self.clip, 1.0).log()
-                out = (features @ self.coef + self.intercept).softmax(-1) @ self.scatter
-            else:
-                out = sum(w * p for w, p in zip(self.weights, probs, strict=True))
-            if self.class_weights is not None:
-                out = out * self.class_weights
-                out = out / out.sum(-1, keepdim=True).clamp_min(1e-12)
-            return out
+            out = self.method(probs)
+            return out if self.calibration is None else self.calibration([out])
 
         def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             outs = [member(images) for member in self.members]

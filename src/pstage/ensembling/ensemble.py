@@ -1,12 +1,10 @@
 """``pstage ensemble``: blend finished runs that share a split, scored on their OOF predictions.
 
-Methods, all fitted on out-of-fold probabilities only (never on test):
-  mean   soft vote, equal weights;
-  hill   Caruana et al. (2004) greedy forward selection with replacement, maximising the CV metric
-         itself, keeping the best prefix; its weights are reported;
-  stack  a scikit-learn logistic regression on the members' log-probabilities, whose OOF is
-         produced by nested cross-validation so its score is honest.
-``calibrate`` adds per-class probability weights fitted to maximise macro F1 (scored by nested CV).
+Methods (``pstage.ensembling.methods``, registered by name), all fitted on out-of-fold
+probabilities only (never on test): mean, hill (Caruana's hill climbing, its weights reported),
+stack (logistic regression, whose OOF is produced by nested cross-validation so its score is
+honest). ``calibrate`` adds per-class probability weights fitted to maximise macro F1 (scored by
+nested CV).
 The result is written as a run directory (run.json, folds.csv, oof.csv, test.csv, submission.csv,
 weights.csv), so it shows on the board, can be ensembled again, and served.
 """
@@ -17,7 +15,7 @@ import datetime as dt
 import re
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,11 +27,16 @@ from pstage.core.errors import ConfigError, RunError
 from pstage.core.io import now, write_csv, write_json
 from pstage.core.metrics import cv_scores, fold_macro_f1, prob_columns
 from pstage.core.tasks import Task
+from pstage.ensembling.methods import (
+    METHODS,
+    ClassWeights,
+    calibrate_apply,  # noqa: F401  (part of this module's API: tests and notebooks use it)
+    calibrate_fit,  # noqa: F401
+    create_method,
+    hill_climb,  # noqa: F401
+    nested_predict,
+)
 from pstage.runs.rundir import RUN_FILE, RunLock, load_run_info, provenance, resolve_run, submission_frame
-
-METHODS = ("mean", "hill", "stack")
-# Multipliers tried per class and pass by the calibration's coordinate ascent (about x0.37 to x2.7).
-CALIBRATION_GRID = np.exp(np.linspace(-1.0, 1.0, 9))
 
 
 @dataclass
@@ -116,6 +119,15 @@ def check_same_split(first: str, a: pd.DataFrame, other: str, b: pd.DataFrame) -
     )
 
 
+def _member_name(path: Path, info: dict[str, Any], runs_dir: str | Path) -> str:
+    """The run's name, qualified as user/name for a teammate's run pulled into runs/<user>/<name>."""
+    try:
+        relative = path.relative_to(Path(runs_dir).expanduser().resolve()).as_posix()
+    except ValueError:
+        relative = ""
+    return relative if relative.count("/") == 1 else info.get("name", path.name)
+
+
 def load_members(runs: Sequence[str | Path], runs_dir: str | Path = "runs", tta: bool = False) -> Members:
     """Open finished runs and check they can be blended: same classes, same split, same images."""
     paths = [resolve_run(run, runs_dir) for run in runs]
@@ -129,7 +141,7 @@ def load_members(runs: Sequence[str | Path], runs_dir: str | Path = "runs", tta:
     first: dict[str, Any] = {}
     for path in paths:
         info = load_run_info(path)
-        name = info.get("name", path.name)
+        name = _member_name(path, info, runs_dir)
         if info.get("status") != "done":
             raise RunError(f"{name}: run is {info.get('status', 'unknown')}; only finished runs can be ensembled")
         oof_path, test_path = path / f"oof{suffix}.csv", path / f"test{suffix}.csv"
@@ -204,92 +216,6 @@ def _submission_format(run_dir: Path) -> str:
     return "generic"
 
 
-# --- methods -----------------------------------------------------------------------------------
-
-
-def hill_climb(
-    probs: Sequence[np.ndarray], targets: np.ndarray, folds: np.ndarray, rounds: int = 50
-) -> tuple[np.ndarray, list[dict[str, Any]]]:
-    """Caruana's greedy forward selection with replacement; returns weights (sum 1) and the path.
-
-    Starts from the best single member, adds whichever member most improves the CV metric (repeats
-    allowed, which is how weights arise), and keeps the prefix with the best score, so the result
-    is never worse than the best member on the data it was fitted on.
-    """
-    scores = [fold_macro_f1(targets, p, folds) for p in probs]
-    chosen = [int(np.argmax(scores))]
-    total = probs[chosen[0]].copy()
-    history = [{"step": 1, "added": chosen[0], "score": scores[chosen[0]]}]
-    for step in range(2, rounds + 1):
-        candidates = [fold_macro_f1(targets, total + p, folds) for p in probs]  # argmax ignores the 1/n scale
-        best = int(np.argmax(candidates))
-        chosen.append(best)
-        total += probs[best]
-        history.append({"step": step, "added": best, "score": candidates[best]})
-    stop = int(np.argmax([h["score"] for h in history]))  # first best: the shortest best prefix
-    counts = np.bincount(chosen[: stop + 1], minlength=len(probs)).astype(np.float64)
-    return counts / counts.sum(), history[: stop + 1]
-
-
-def blend(probs: Sequence[np.ndarray], weights: np.ndarray) -> np.ndarray:
-    return np.tensordot(np.asarray(weights, dtype=np.float64), np.stack(probs), axes=1)
-
-
-def stack_features(probs: Sequence[np.ndarray]) -> np.ndarray:
-    return np.log(np.clip(np.concatenate(probs, axis=1), 1e-6, 1.0))
-
-
-def stack_fit(features: np.ndarray, targets: np.ndarray) -> Any:
-    """A multinomial logistic regression over the members' log-probabilities (class-balanced: macro F1)."""
-    from sklearn.linear_model import LogisticRegression
-
-    return LogisticRegression(C=1.0, max_iter=2000, class_weight="balanced").fit(features, targets)
-
-
-def stack_predict(model: Any, features: np.ndarray, num_classes: int) -> np.ndarray:
-    out = np.zeros((len(features), num_classes))
-    out[:, model.classes_] = model.predict_proba(features)  # a class absent from training gets 0
-    return out
-
-
-def calibrate_fit(probs: np.ndarray, targets: np.ndarray, folds: np.ndarray, passes: int = 3) -> np.ndarray:
-    """Per-class weights on probabilities that maximise the CV macro F1 (coordinate ascent).
-
-    Macro F1 rewards getting rare classes right more than accuracy does; scaling a rare class's
-    probability up trades a few common-class hits for many rare-class ones. No threshold to tune.
-    """
-    weights = np.ones(probs.shape[1])
-    best = fold_macro_f1(targets, probs, folds)
-    for _ in range(passes):
-        improved = False
-        for c in range(probs.shape[1]):
-            for factor in CALIBRATION_GRID:
-                trial = weights.copy()
-                trial[c] *= factor
-                score = fold_macro_f1(targets, probs * trial, folds)
-                if score > best + 1e-12:
-                    best, weights, improved = score, trial, True
-        if not improved:
-            break
-    return weights / np.exp(np.log(weights).mean())
-
-
-def calibrate_apply(probs: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    scaled = probs * weights
-    return scaled / np.clip(scaled.sum(1, keepdims=True), 1e-12, None)
-
-
-def nested_oof(
-    fit: Callable[[np.ndarray], Any], apply: Callable[[Any, np.ndarray], np.ndarray], folds: np.ndarray, shape: tuple
-) -> np.ndarray:
-    """Out-of-fold predictions of a fitted combiner: fitted on the other folds, applied to each fold."""
-    out = np.zeros(shape)
-    for k in np.unique(folds):
-        outer = folds == k
-        out[outer] = apply(fit(~outer), outer)
-    return out
-
-
 # --- the command --------------------------------------------------------------------------------
 
 
@@ -306,8 +232,7 @@ def ensemble(
 ) -> EnsembleResult:
     """Blend finished runs by ``method`` and write the ensemble as a run directory ``runs_dir/name``."""
     started = time.time()
-    if method not in METHODS:
-        raise ConfigError(f"--method {method}: expected one of {', '.join(METHODS)}")
+    METHODS.check(method)
     if len(runs) < 2 and not calibrate:
         raise ConfigError("an ensemble needs at least two runs (or one run with --calibrate)")
     if rounds < 1:
@@ -324,58 +249,28 @@ def ensemble(
 
     targets, folds, probs = members.targets, members.folds, [m.oof for m in members.runs]
     tests = [m.test for m in members.runs] if members.test_ids is not None else None
-    history: list[dict[str, Any]] = []
-    stack_model = None
-    if method == "stack":
-        features = stack_features(probs)
-        oof = nested_oof(
-            lambda rows: stack_fit(features[rows], targets[rows]),
-            lambda model, rows: stack_predict(model, features[rows], members.task.num_classes),
-            folds,
-            (len(targets), members.task.num_classes),
-        )
-        nested = fold_macro_f1(targets, oof, folds)
-        weights = np.full(len(probs), 1 / len(probs))  # the regression has no per-run weight
-        stacker = stack_fit(features, targets)
-        test = stack_predict(stacker, stack_features(tests), members.task.num_classes) if tests else None
-        # Enough to re-apply the stacker anywhere (export, serve): p = softmax(log(clip(P)) @ coef.T + intercept).
-        stack_model = {
-            "classes": stacker.classes_.tolist(),
-            "coef": stacker.coef_.round(6).tolist(),
-            "intercept": stacker.intercept_.round(6).tolist(),
-            "clip": 1e-6,
-        }
-    else:
-        if method == "hill":
-            weights, history = hill_climb(probs, targets, folds, rounds)
-            nested_probs = nested_oof(
-                lambda rows: hill_climb([p[rows] for p in probs], targets[rows], folds[rows], rounds)[0],
-                lambda w, rows: blend([p[rows] for p in probs], w),
-                folds,
-                probs[0].shape,
-            )
-            nested = fold_macro_f1(targets, nested_probs, folds)
-        else:
-            weights = np.full(len(probs), 1 / len(probs))
-        oof = blend(probs, weights)
-        if method == "mean":
-            nested = fold_macro_f1(targets, oof, folds)  # nothing fitted: in-sample is honest
-        test = blend(tests, weights) if tests else None
+    combiner = create_method(method, rounds=rounds).fit(probs, targets, folds)
+    oof = combiner.predict_proba(probs)
+    # a method that learns is scored by nested CV (fitted without the scored fold): the honest number
+    nested_probs = nested_predict(combiner, probs, targets, folds) if combiner.learns else oof
+    oof = nested_probs if combiner.nested_oof else oof
+    nested = fold_macro_f1(targets, nested_probs, folds)
+    test = combiner.predict_proba(tests) if tests else None
+    weights = combiner.member_weights(len(probs))
+    history: list[dict[str, Any]] = getattr(combiner, "history_", [])
 
     calibration = None
     if calibrate:
         before = fold_macro_f1(targets, oof, folds)
-        uncalibrated = oof
-        oof = nested_oof(
-            lambda rows: calibrate_fit(uncalibrated[rows], targets[rows], folds[rows]),
-            lambda w, rows: calibrate_apply(uncalibrated[rows], w),
-            folds,
-            oof.shape,
-        )
-        class_weights = calibrate_fit(uncalibrated, targets, folds)
-        test = calibrate_apply(test, class_weights) if test is not None else None
+        calibrator = ClassWeights().fit([oof], targets, folds)
+        oof = nested_predict(calibrator, [oof], targets, folds)
+        test = calibrator.predict_proba([test]) if test is not None else None
         nested = fold_macro_f1(targets, oof, folds)
-        calibration = {"class_weights": class_weights.round(4).tolist(), "cv_before": before, "cv_nested": nested}
+        calibration = {
+            "class_weights": calibrator.class_weights_.round(4).tolist(),
+            "cv_before": before,
+            "cv_nested": nested,
+        }
 
     table = pd.concat(
         [members.oof, pd.DataFrame(oof.astype(np.float32), columns=prob_columns(members.task.num_classes))], axis=1
@@ -391,7 +286,7 @@ def ensemble(
         members_cv={m.name: m.cv for m in members.runs},
         calibration=calibration,
         history=[{**h, "added": members.runs[h["added"]].name} for h in history],
-        stacker=stack_model,
+        stacker=combiner.record(),
     )
     _write_run(run_dir, members, table, test, result, tta, started)
     if out is not None:

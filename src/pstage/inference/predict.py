@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from pstage.config import Config, TTAConfig, load_config
+from pstage.config import Config, TTAConfig, batch_of, load_config
 from pstage.core.devices import autocast_dtype, inference_device, resolve_precision
 from pstage.core.errors import DataError, RunError
 from pstage.core.io import now, write_csv, write_json
@@ -26,6 +26,7 @@ from pstage.data.cache import CacheInfo, build_cache
 from pstage.data.datasets import CachedImages, make_loader
 from pstage.data.prepare import prepare_caches
 from pstage.data.sources import Source, detect_kind, image_table, load_source
+from pstage.inference.persons import group_test
 from pstage.models.checkpoint import load_fold_module
 from pstage.models.module import ClassifierModule
 from pstage.runs.rundir import RUN_FILE, RunLock, load_run_info, resolve_run, submission_frame
@@ -107,7 +108,7 @@ def ensemble_probs(
             load_fold_module(checkpoint),
             cache.path,
             np.arange(cache.count) if rows is None else rows,
-            batch_size=config.train.batch_size * 2,
+            batch_size=batch_of(config.train) * 2,
             device=device,
             precision=precision,
             tta=config.tta if tta else None,
@@ -209,6 +210,7 @@ def predict(
             f"{path}: {reason}; fix or remove it, or set data.on_bad_image=skip to predict it from a blank image"
         )
     probs = with_final_fit(run_dir, config, ensemble_probs(checkpoints, cache, config, tta=tta), cache, tta)
+    probs, _ = group_test(info, checkpoints, cache.path, config, probs, task)  # as training decided (persons.*)
     if kind == "submission":
         frame = submission_frame(images, probs, task, test_format)
         default = run_dir / ("submission_tta.csv" if tta else "submission.csv")
@@ -249,12 +251,13 @@ def _predict_with_tta(
             load_fold_module(checkpoint),
             train_cache.path,
             cache_rows.loc[oof.loc[rows, "image_id"]].to_numpy(),
-            batch_size=config.train.batch_size * 2,
+            batch_size=batch_of(config.train) * 2,
             device=device,
             precision=precision,
             tta=config.tta,
         )
     probs = with_final_fit(run_dir, config, ensemble_probs(checkpoints, test_cache, config, tta=True), test_cache, True)
+    probs, _ = group_test(load_run_info(run_dir), checkpoints, test_cache.path, config, probs, task)
     test = pd.concat(
         [pd.DataFrame({"image_id": source.test["image_id"].to_numpy()}), pd.DataFrame(probs, columns=cols)], axis=1
     )

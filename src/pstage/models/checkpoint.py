@@ -15,8 +15,8 @@ from pstage.models.module import ClassifierModule
 def load_fold_module(checkpoint: str | Path) -> ClassifierModule:
     """A fold model from its checkpoint, in eval mode on the CPU.
 
-    Built from the checkpoint's own config with ``pretrained`` off: the weights come from the
-    checkpoint, so nothing is downloaded.
+    Built from the checkpoint's own config with ``pretrained`` off and no ``weights`` file: the
+    weights come from the checkpoint, so nothing is downloaded or read from elsewhere.
     """
     try:
         state = torch.load(checkpoint, map_location="cpu", weights_only=False)
@@ -24,7 +24,7 @@ def load_fold_module(checkpoint: str | Path) -> ClassifierModule:
         raise RunError(f"{checkpoint}: unreadable checkpoint ({str(exc).splitlines()[0]})") from None
     hparams = state["hyper_parameters"]
     config = dict(hparams["config"])
-    config["model"] = {**config["model"], "pretrained": False}
+    config["model"] = {**config["model"], "pretrained": False, "weights": None}
     module = ClassifierModule(config, hparams["task"])
     module.load_state_dict(state["state_dict"])
     return module.eval()

@@ -3,12 +3,18 @@
 The model takes uint8 NHWC images (as the cache stores them) and normalises inside, so the data
 loader never touches floats and an exported model needs no preprocessing beyond resizing.
 Class probabilities over the final classes are the product of the heads' softmaxes.
+
+Heads are picked by name from registries: ``model.head`` the layout (``HEAD_LAYOUTS``: one head
+over the classes, or one per sub-task), ``model.classifier`` each classification head
+(``CLASSIFIER_HEADS``) and ``model.age_head`` the age head (``AGE_HEADS``).
 """
 
 from __future__ import annotations
 
 import difflib
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import pstage.core.compat  # noqa: F401
 
@@ -18,7 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from pstage.core.errors import ConfigError
+from pstage.core.registry import Registry
 from pstage.core.tasks import Task
+from pstage.models.weights import create_backbone
 
 
 class GeM(nn.Module):
@@ -139,6 +147,70 @@ class OrdinalHead(nn.Module):
         return probs.clamp_min(1e-8).log()
 
 
+@dataclass(frozen=True)
+class HeadOptions:
+    """The model.* settings a head factory may read."""
+
+    classifier: str = "linear"
+    arcface_scale: float = 30.0
+    arcface_margin: float = 0.3
+    age_thresholds: tuple[int, ...] = (30, 60)
+
+
+# A head factory: (in_features, classes, options) -> the head's module.
+HeadFactory = Callable[[int, int, HeadOptions], nn.Module]
+CLASSIFIER_HEADS: Registry[HeadFactory] = Registry("classification head", "model.classifier")
+AGE_HEADS: Registry[HeadFactory] = Registry("age head", "model.age_head")
+# A head layout: the task as the model's heads see it (one head over the classes, or one per sub-task).
+HEAD_LAYOUTS: Registry[Callable[[Task], Task]] = Registry("head layout", "model.head")
+
+
+@CLASSIFIER_HEADS.register("linear")
+def _linear_head(in_features: int, classes: int, options: HeadOptions) -> nn.Module:
+    """A linear layer: logits."""
+    return nn.Linear(in_features, classes)
+
+
+@CLASSIFIER_HEADS.register("arcface")
+def _arcface_head(in_features: int, classes: int, options: HeadOptions) -> nn.Module:
+    """Cosines to class centres, an angular margin in training (ArcFaceHead)."""
+    return ArcFaceHead(in_features, classes, options.arcface_scale, options.arcface_margin)
+
+
+@AGE_HEADS.register("classify")
+def _classify_age(in_features: int, classes: int, options: HeadOptions) -> nn.Module:
+    """The age buckets as classes, with the classification head (model.classifier)."""
+    return CLASSIFIER_HEADS.create(options.classifier, in_features, classes, options)
+
+
+@AGE_HEADS.register("regress")
+def _regress_age(in_features: int, classes: int, options: HeadOptions) -> nn.Module:
+    """The age in years; bucket probabilities from a Gaussian around it (AgeRegressionHead)."""
+    return AgeRegressionHead(in_features, tuple(options.age_thresholds))
+
+
+@AGE_HEADS.register("ordinal")
+def _ordinal_age(in_features: int, classes: int, options: HeadOptions) -> nn.Module:
+    """CORAL cumulative logits over the ordered buckets (OrdinalHead)."""
+    return OrdinalHead(in_features, classes)
+
+
+@HEAD_LAYOUTS.register("linear")
+def _single_head(task: Task) -> Task:
+    """One softmax over the final classes (class_to_head is the identity)."""
+    return Task(task.name, task.classes, {"label": task.classes}, {"label": list(range(task.num_classes))})
+
+
+@HEAD_LAYOUTS.register("multi")
+def _head_per_subtask(task: Task) -> Task:
+    """One head per sub-task (mask, gender, age); a class's probability is the product of its heads'."""
+    if not task.has_subtasks:
+        raise ConfigError(
+            "model.head=multi needs a task with sub-tasks (the mask task); this data has one label: use model.head=linear"
+        )
+    return task
+
+
 def check_model_name(name: str) -> None:
     """A one-line error with the closest names when timm has no such model."""
     if timm.is_model(name):
@@ -173,14 +245,19 @@ def _output_shape(backbone: nn.Module, name: str, input_size: tuple[int, int]) -
 
 
 class Classifier(nn.Module):
-    """Backbone + pooling + a linear head per task head; input uint8 (N, H, W, 3)."""
+    """Backbone + pooling + a linear head per task head; input uint8 (N, H, W, 3).
+
+    ``pretrained`` (auto/true/false) and ``weights`` (a local file) choose the backbone's starting
+    weights (models/weights.py); normalisation always uses timm's mean/std for ``name``.
+    """
 
     def __init__(
         self,
         name: str,
         heads: dict[str, int],
         *,
-        pretrained: bool = False,
+        pretrained: bool | str = False,
+        weights: str | None = None,
         pool: str = "avg",
         drop_rate: float = 0.0,
         input_size: tuple[int, int] = (64, 64),
@@ -193,10 +270,12 @@ class Classifier(nn.Module):
         super().__init__()
         check_model_name(name)
         try:
-            self.backbone = timm.create_model(
-                name, pretrained=pretrained, num_classes=0, global_pool="" if pool == "gem" else "avg"
+            self.backbone = create_backbone(
+                name, pretrained, weights, num_classes=0, global_pool="" if pool == "gem" else "avg"
             )
-        except Exception as exc:  # hub/network failures for pretrained weights, mostly
+        except ConfigError:
+            raise
+        except Exception as exc:  # a timm model that cannot be built with these arguments
             raise ConfigError(
                 f"model.name={name} pretrained={pretrained}: timm could not create it ({str(exc).splitlines()[0]})"
             ) from None
@@ -207,17 +286,15 @@ class Classifier(nn.Module):
                 f"model.pool=gem needs a convolutional backbone; {name} does not output feature maps (use model.pool=avg)"
             )
         self.dropout = nn.Dropout(drop_rate)
-        layers: dict[str, nn.Module] = {}
-        for head, n in heads.items():
-            if head == "age" and age_head == "regress":
-                layers[head] = AgeRegressionHead(shape[1], tuple(age_thresholds))
-            elif head == "age" and age_head == "ordinal":
-                layers[head] = OrdinalHead(shape[1], n)
-            elif classifier == "arcface":
-                layers[head] = ArcFaceHead(shape[1], n, arcface_scale, arcface_margin)
-            else:
-                layers[head] = nn.Linear(shape[1], n)
-        self.heads = nn.ModuleDict(layers)
+        options = HeadOptions(classifier, arcface_scale, arcface_margin, tuple(age_thresholds))
+        self.heads = nn.ModuleDict(
+            {
+                head: (AGE_HEADS if head == "age" else CLASSIFIER_HEADS).create(
+                    age_head if head == "age" else classifier, shape[1], n, options
+                )
+                for head, n in heads.items()
+            }
+        )
         cfg = self.backbone.pretrained_cfg
         self.register_buffer(
             "mean", torch.tensor(cfg.get("mean", (0.485, 0.456, 0.406))).view(1, 3, 1, 1) * 255, persistent=False
@@ -265,24 +342,17 @@ def class_probs(logits: dict[str, torch.Tensor], task: Task) -> torch.Tensor:
 
 
 def head_sizes(task: Task, head: str) -> dict[str, int]:
-    """Head layout for ``model.head``: one head over the classes, or one per sub-task."""
-    if head == "multi":
-        if not task.has_subtasks:
-            raise ConfigError(
-                "model.head=multi needs a task with sub-tasks (the mask task); this data has one label: use model.head=linear"
-            )
-        return {name: len(classes) for name, classes in task.heads.items()}
-    return {"label": task.num_classes}
+    """Head layout for ``model.head``: each head's number of outputs."""
+    return {name: len(classes) for name, classes in head_task(task, head).heads.items()}
 
 
 def create_classifier(name: str, task: Task, head: str = "linear", **kwargs) -> Classifier:
+    AGE_HEADS.check(kwargs.get("age_head", "classify"))
     if kwargs.get("age_head", "classify") != "classify" and "age" not in head_sizes(task, head):
         raise ConfigError(f"model.age_head={kwargs['age_head']} needs an age head (model.head=multi on the mask task)")
     return Classifier(name, head_sizes(task, head), **kwargs)
 
 
 def head_task(task: Task, head: str) -> Task:
-    """The task as the model's heads see it (class_to_head for a single linear head is the identity)."""
-    if head == "multi":
-        return task
-    return Task(task.name, task.classes, {"label": task.classes}, {"label": list(range(task.num_classes))})
+    """The task as the model's heads see it, per the layout ``model.head`` names."""
+    return HEAD_LAYOUTS.create(head, task)

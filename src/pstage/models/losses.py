@@ -2,12 +2,23 @@
 
 Each loss takes logits (N, K) and target distributions (N, K). Hand-written where torch has none:
 focal loss and soft macro-F1 are a few lines each and need soft-target support.
+``loss.name`` picks one from ``LOSSES`` by name; a new loss is one registered factory below.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
+
+from pstage.config import LossConfig
+from pstage.core.registry import Registry
+
+# (logits, targets, weight=None, sample_weight=None) -> scalar loss, its settings bound from loss.*
+LossFn = Callable[..., torch.Tensor]
+LOSSES: Registry[Callable[[LossConfig], LossFn]] = Registry("loss", "loss.name")
 
 
 def smooth(targets: torch.Tensor, amount: float) -> torch.Tensor:
@@ -78,6 +89,29 @@ def soft_f1(
     return 1 - f1[present].mean()
 
 
+@LOSSES.register("ce")
+def _ce(cfg: LossConfig) -> LossFn:
+    """Cross-entropy."""
+    return functools.partial(cross_entropy, label_smoothing=cfg.label_smoothing)
+
+
+@LOSSES.register("focal")
+def _focal(cfg: LossConfig) -> LossFn:
+    """Focal loss with focusing parameter loss.focal_gamma."""
+    return functools.partial(focal, label_smoothing=cfg.label_smoothing, gamma=cfg.focal_gamma)
+
+
+@LOSSES.register("f1")
+def _f1(cfg: LossConfig) -> LossFn:
+    """Soft macro-F1."""
+    return functools.partial(soft_f1, label_smoothing=cfg.label_smoothing)
+
+
+def create_loss(cfg: LossConfig) -> LossFn:
+    """The loss ``cfg.name`` with its settings (label smoothing, focal gamma) bound: ``fn(logits, targets, weight, sample_weight)``."""
+    return LOSSES.create(cfg.name, cfg)
+
+
 def compute_loss(
     name: str,
     logits: torch.Tensor,
@@ -88,11 +122,8 @@ def compute_loss(
     sample_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``name`` (ce, focal, f1) over soft targets; ``sample_weight`` (N,) weights images (borderline ages)."""
-    if name == "focal":
-        return focal(logits, targets, weight, label_smoothing, gamma, sample_weight)
-    if name == "f1":
-        return soft_f1(logits, targets, weight, label_smoothing, sample_weight)
-    return cross_entropy(logits, targets, weight, label_smoothing, sample_weight)
+    loss = create_loss(LossConfig(name=name, label_smoothing=label_smoothing, focal_gamma=gamma))
+    return loss(logits, targets, weight=weight, sample_weight=sample_weight)
 
 
 def ordinal_loss(

@@ -21,6 +21,7 @@ from torchmetrics.classification import MulticlassF1Score
 from pstage.config import Config
 from pstage.core.tasks import Task
 from pstage.data.augment import mix_batch
+from pstage.data.device_augment import build_device_augment
 from pstage.models.classifier import (
     AgeRegressionHead,
     ArcFaceHead,
@@ -30,7 +31,7 @@ from pstage.models.classifier import (
     head_task,
     readout,
 )
-from pstage.models.losses import compute_loss, distillation, ordinal_loss
+from pstage.models.losses import create_loss, distillation, ordinal_loss
 
 
 def uses_channels_last(model: torch.nn.Module, setting: str | bool) -> bool:
@@ -58,6 +59,7 @@ class ClassifierModule(L.LightningModule):
             self.task,
             cfg.model.head,
             pretrained=cfg.model.pretrained,
+            weights=cfg.model.weights,
             pool=cfg.model.pool,
             drop_rate=cfg.model.drop_rate,
             input_size=tuple(cfg.data.image_size),
@@ -68,6 +70,7 @@ class ClassifierModule(L.LightningModule):
             arcface_margin=cfg.model.arcface_margin,
         )
         self.heads = head_task(self.task, cfg.model.head)
+        self.loss_fn = create_loss(cfg.loss)  # loss.name from the LOSSES registry, its settings bound
         self.channels_last = uses_channels_last(self.model, cfg.train.channels_last)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -77,6 +80,7 @@ class ClassifierModule(L.LightningModule):
             )
             weights = (class_weights or {}).get(head)
             self.register_buffer(f"weight_{head}", torch.tensor(weights) if weights else None, persistent=False)
+        self.augment = build_device_augment(cfg.augment)  # the preset, batched on the device (None: in the loader)
         self.val_f1 = MulticlassF1Score(num_classes=self.task.num_classes, average="macro")
         self._rng = np.random.default_rng(cfg.seed)
 
@@ -84,8 +88,13 @@ class ClassifierModule(L.LightningModule):
         """Final-class probabilities for uint8 NHWC images."""
         return class_probs(self.model(self._inputs(images)), self.heads)
 
-    def _inputs(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.model.normalize(images)
+    def _inputs(self, images: torch.Tensor, augment: bool = False) -> torch.Tensor:
+        """uint8 NHWC -> the model's normalised input; ``augment``: the device preset first (training)."""
+        if augment and self.augment is not None:
+            x = self.augment(images.permute(0, 3, 1, 2).float().div_(255.0)).mul_(255.0)
+            x = (x - self.model.mean) / self.model.std
+        else:
+            x = self.model.normalize(images)
         return x if self.channels_last else x.contiguous()
 
     def on_train_epoch_start(self) -> None:
@@ -110,7 +119,10 @@ class ClassifierModule(L.LightningModule):
             if key in extras:
                 parts.append(extras[key].float().view(-1, 1))
         x, mixed = mix_batch(
-            self._inputs(images), torch.cat(parts, 1) if len(parts) > 1 else soft, self.config.augment, self._rng
+            self._inputs(images, augment=True),
+            torch.cat(parts, 1) if len(parts) > 1 else soft,
+            self.config.augment,
+            self._rng,
         )
         c = self.task.num_classes
         soft = mixed[:, :c]
@@ -144,7 +156,6 @@ class ClassifierModule(L.LightningModule):
     ) -> torch.Tensor:
         """One head's loss on its raw output, per the head's kind (linear, ArcFace, age regression, ordinal)."""
         layer = self.model.heads[head]
-        loss_cfg = self.config.loss
         if isinstance(layer, OrdinalHead):
             return ordinal_loss(out, target, weights)
         if isinstance(layer, AgeRegressionHead):
@@ -159,15 +170,7 @@ class ClassifierModule(L.LightningModule):
             regression, logits = 0.0, layer.margin_logits(out, target)
         else:
             regression, logits = 0.0, out
-        return regression + compute_loss(
-            loss_cfg.name,
-            logits,
-            target,
-            getattr(self, f"weight_{head}"),
-            loss_cfg.label_smoothing,
-            loss_cfg.focal_gamma,
-            sample_weight=weights,
-        )
+        return regression + self.loss_fn(logits, target, weight=getattr(self, f"weight_{head}"), sample_weight=weights)
 
     def _log_probs(self, logits: dict[str, torch.Tensor], temperature: float) -> torch.Tensor:
         """Log-probabilities over the final classes at a temperature (a sum over heads for multi-head models)."""

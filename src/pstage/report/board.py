@@ -97,14 +97,39 @@ def _problem(run_dir: Path) -> tuple[dict[str, Any] | None, str | None]:
     return info, None
 
 
+def _store_rows(store: str, local_uids: set[str]) -> list[dict[str, Any]]:
+    """The team store's published runs as board rows (named user/name), minus those listed locally."""
+    from pstage.runs.store import list_runs, masked
+
+    rows = []
+    for stored in list_runs(store):
+        info = stored.info
+        if stored.uid in local_uids or not isinstance((info.get("cv") or {}).get("macro_f1"), int | float):
+            continue
+        row = _row(Path(stored.qualified), info)
+        row.update(name=stored.qualified, path=f"{masked(store)} {stored.qualified}")
+        rows.append(row)
+    return rows
+
+
 def load_board(
-    runs: Sequence[str | Path] | str | Path = "runs", *, contains: str | None = None, sort: str = "cv"
+    runs: Sequence[str | Path] | str | Path = "runs",
+    *,
+    contains: str | None = None,
+    sort: str = "cv",
+    store: str | None = None,
 ) -> Board:
-    """Collect the finished runs of ``runs`` folders; ``contains`` filters by substring of name, model or user."""
+    """Collect the finished runs of ``runs`` folders (and of the team ``store``, an MLflow server).
+
+    ``contains`` filters by substring of name, model or user. A run both local and published is
+    listed once, as the local folder.
+    """
+    from pstage.runs.store import run_uid
+
     folders = [runs] if isinstance(runs, str | Path) else list(runs)
     if sort.lstrip("-") not in SORTS:
         raise ConfigError(f"--sort {sort}: expected one of {', '.join(SORTS)}")
-    rows, skipped = [], []
+    rows, skipped, uids = [], [], set()
     for folder in map(Path, folders):
         if not folder.is_dir():
             raise ConfigError(f"--runs {folder}: no such folder; pass a folder of runs (default ./runs)")
@@ -118,6 +143,9 @@ def load_board(
                 skipped.append((str(run_dir), problem))
             else:
                 rows.append(_row(run_dir, info))
+                uids.add(run_uid(info))
+    if store:
+        rows += _store_rows(store, uids)
     frame = pd.DataFrame(rows, columns=COLUMNS)
     if contains:
         needle = contains.lower()

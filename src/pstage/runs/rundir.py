@@ -46,10 +46,10 @@ def provenance() -> dict[str, Any]:
     """Who ran it, where, with which code: the fields teammates need on a shared board."""
     from pstage import __version__
 
-    try:
-        user = getpass.getuser()
+    try:  # $USER first: `USER=ana pstage train` names the teammate even where LOGNAME says otherwise
+        user = os.environ.get("USER") or getpass.getuser()
     except (KeyError, OSError):
-        user = os.environ.get("USER", "unknown")
+        user = "unknown"
     return {"user": user, "host": socket.gethostname(), "git_sha": git_sha(), "pstage_version": __version__}
 
 

@@ -31,7 +31,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.callbacks.weight_averaging import EMAWeightAveraging
 
-from pstage.config import Config, diff_configs, dump_config, load_config
+from pstage.config import Config, batch_of, diff_configs, dump_config, load_config
 from pstage.core.console import console, quiet_lightning
 from pstage.core.devices import inference_device, is_rank_zero, resolve_precision
 from pstage.core.errors import ConfigError, DataError, RunError
@@ -43,11 +43,16 @@ from pstage.data.datasets import CachedImages, FoldData, resolve_workers
 from pstage.data.prepare import prepare_caches
 from pstage.data.sources import Source, detect_kind, load_source
 from pstage.data.split import check_folds, make_folds
-from pstage.inference.predict import blend_final, predict_probs
+from pstage.inference.persons import describe_grouping, group_run
+from pstage.inference.predict import blend_final, fold_checkpoints, predict_probs
 from pstage.models.checkpoint import load_fold_module
 from pstage.models.classifier import check_model_name, head_task
 from pstage.models.losses import balanced_weights
+from pstage.models.weights import resolve_weights
 from pstage.runs.rundir import RUN_FILE, RunLock, load_run_info, provenance, submission_frame
+from pstage.training.batch_size import resolve_batch
+from pstage.training.loggers import make_loggers
+from pstage.training.names import check_names
 from pstage.training.recipes import (
     PseudoLabels,
     borderline_mask,
@@ -138,6 +143,11 @@ def train(
         raise DataError(f"data path {cfg.data.path} does not exist")
     check_model_name(cfg.model.name)
     check_optimizer(cfg.optim.name)
+    check_names(cfg)
+    if cfg.model.weights:
+        cfg.model.weights = str(Path(cfg.model.weights).expanduser().resolve())
+    # before the run folder exists: a bad weights file (or pretrained=true with none) fails here
+    resolve_weights(cfg.model.name, cfg.model.pretrained, cfg.model.weights)
     if cfg.data.borderline.years or cfg.model.age_head == "regress":  # recipes that need numeric ages
         check_recipe_data(cfg, cfg.data.source if cfg.data.source != "auto" else detect_kind(Path(cfg.data.path)))
     resolve_teacher(cfg, runs)
@@ -205,6 +215,7 @@ def _run(
         "model": cfg.model.name,
         "image_size": list(cfg.data.image_size),
         "epochs": cfg.train.epochs,
+        "weights": resolve_weights(cfg.model.name, cfg.model.pretrained, cfg.model.weights).record(),
         "duration_s": spent_before,
     }
 
@@ -238,6 +249,8 @@ def _run(
             "precision": precision,
             "num_workers": resolve_workers(cfg.train.num_workers, build_transforms(cfg.augment) is not None),
         }
+        fit_cfg = _resolve_batch(cfg, previous, source, folds, precision)
+        info["resolved"].update(batch_size=fit_cfg.train.batch_size, lr=fit_cfg.optim.lr)
         if rank0:
             if was_done and not pending and not final_pending:
                 console.print(f"  already done (CV macro F1 {previous['cv']['macro_f1']:.4f}); nothing to train")
@@ -248,18 +261,30 @@ def _run(
             record("running")
         for k in pending:
             fit_fold(
-                k, cfg, source, folds, train_cache, test_cache, run_dir, precision, rank0, fold_callbacks, pseudo=pseudo
+                k,
+                fit_cfg,
+                source,
+                folds,
+                train_cache,
+                test_cache,
+                run_dir,
+                precision,
+                rank0,
+                fold_callbacks,
+                pseudo=pseudo,
             )
             record("running")
         if final_pending:
-            fit_final(cfg, source, train_cache, test_cache, run_dir, precision, rank0, pseudo)
+            fit_final(fit_cfg, source, train_cache, test_cache, run_dir, precision, rank0, pseudo)
         if not rank0:
             return None
         cv = _write_outputs(run_dir, source, test_cache, cfg.train.final_fit)
+        persons = _group_persons(cfg, run_dir, source, train_cache, test_cache)
         recipes = _recipes_summary(cfg, run_dir, pseudo)
         record(
             "done",
             cv=cv,
+            **({"persons": persons} if persons else {}),
             **({"recipes": recipes} if recipes else {}),
             finished=now(),
             folds_trained=_finished_folds(run_dir),
@@ -271,6 +296,43 @@ def _run(
         reason = "interrupted" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else f"{type(exc).__name__}: {exc}"
         record("failed", error=reason)
         raise
+
+
+def _resolve_batch(
+    cfg: Config, previous: dict[str, Any], source: Source, folds: pd.DataFrame, precision: str
+) -> Config:
+    """The config the models train with: train.batch_size=auto resolved on the device (a resumed run
+    keeps the batch and lr it started with, so its folds stay comparable)."""
+    if cfg.train.batch_size != "auto":
+        return cfg
+    resolved = previous.get("resolved") or {}
+    if isinstance(resolved.get("batch_size"), int):
+        values = cfg.to_dict()
+        values["train"]["batch_size"], values["optim"]["lr"] = resolved["batch_size"], resolved["lr"]
+        return Config.model_validate(values)
+    largest_fold = int(folds["fold"].value_counts().max()) if len(folds) else 0
+    device = inference_device(cfg.train.accelerator)
+    return resolve_batch(cfg, source.task, device, precision, len(source.train) - largest_fold)
+
+
+def _group_persons(
+    cfg: Config, run_dir: Path, source: Source, train_cache: CacheInfo, test_cache: CacheInfo | None
+) -> dict[str, Any] | None:
+    """``persons.*``: person-consistent test predictions, chosen and scored on OOF (run.json ``persons``)."""
+    record = group_run(
+        run_dir,
+        cfg,
+        source.task,
+        source.train,
+        train_cache.path,
+        source.test,
+        test_cache.path if test_cache is not None else None,
+        source.test_format,
+        fold_checkpoints(run_dir),
+    )
+    if record:
+        console.print(f"  {describe_grouping(record)}")
+    return record
 
 
 def _result(run_dir: Path, info: dict[str, Any]) -> RunResult:
@@ -370,62 +432,6 @@ def read_history(fold_dir: Path) -> list[dict[str, Any]]:
     return [rows[e] for e in sorted(rows)]
 
 
-def make_loggers(cfg: Config, run_dir: Path, fold: int) -> list[Any]:
-    """TensorBoard by default; CSV, W&B (offline-safe via WANDB_MODE) and MLflow when configured."""
-    loggers: list[Any] = []
-    for kind in dict.fromkeys(cfg.log.loggers):
-        try:
-            if kind == "tensorboard":
-                from lightning.pytorch.loggers import TensorBoardLogger
-
-                loggers.append(TensorBoardLogger(run_dir, name="logs", version=f"fold_{fold}", default_hp_metric=False))
-            elif kind == "csv":
-                from lightning.pytorch.loggers import CSVLogger
-
-                loggers.append(CSVLogger(run_dir / "logs", name="csv", version=f"fold_{fold}"))
-            elif kind == "wandb":
-                import wandb  # noqa: F401
-                from lightning.pytorch.loggers import WandbLogger
-
-                (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-                loggers.append(
-                    WandbLogger(
-                        project=cfg.log.wandb_project,
-                        name=f"{run_dir.name}/fold_{fold}",
-                        group=run_dir.name,
-                        save_dir=str(run_dir / "logs"),
-                    )
-                )
-            elif kind == "mlflow":
-                import mlflow  # noqa: F401
-                from lightning.pytorch.loggers import MLFlowLogger
-
-                # One SQLite store per runs folder (MLflow 3 refuses its old file store): `mlflow ui
-                # --backend-store-uri sqlite:///runs/mlflow.db` then shows every run of the folder.
-                uri = cfg.log.mlflow_tracking_uri or f"sqlite:///{run_dir.parent / 'mlflow.db'}"
-                loggers.append(
-                    MLFlowLogger(
-                        experiment_name="pstage",
-                        run_name=f"{run_dir.name}/fold_{fold}",
-                        tracking_uri=uri,
-                        artifact_location=(run_dir.parent / "mlartifacts").as_uri(),
-                        tags={"run": run_dir.name, "fold": str(fold)},
-                    )
-                )
-            if kind in ("wandb", "mlflow"):
-                loggers[-1].experiment  # noqa: B018  (start it now: a bad URI or login fails here, not mid-fit)
-        except ImportError:
-            raise ConfigError(
-                f"log.loggers includes {kind}, which is not installed: pip install 'pstage[trackers]' (or remove it from log.loggers)"
-            ) from None
-        except Exception as exc:
-            message = " ".join(str(exc).split())[:300]
-            raise ConfigError(
-                f"log.loggers: {kind} could not start ({message}); check log.* or remove it from log.loggers"
-            ) from None
-    return loggers
-
-
 def _class_weights(cfg: Config, source: Source, targets: np.ndarray) -> dict[str, list[float]] | None:
     if cfg.loss.class_weights != "balanced":
         return None
@@ -467,7 +473,7 @@ def make_trainer(
         enable_progress_bar=_progress_mode(cfg) == "bar",
         enable_model_summary=False,
         num_sanity_val_steps=0,
-        log_every_n_steps=min(50, max(1, samples // cfg.train.batch_size)),
+        log_every_n_steps=min(50, max(1, samples // batch_of(cfg.train))),
         default_root_dir=root,
         **extra,
     )
@@ -647,7 +653,7 @@ def _predict_fold(
     """OOF and test probabilities from the fold's best weights; metrics.json last (marks the fold done)."""
     model = load_fold_module(fold_dir / "best.ckpt")
     device = inference_device(cfg.train.accelerator)
-    batch = cfg.train.batch_size * 2
+    batch = batch_of(cfg.train) * 2
     oof = predict_probs(
         model, train_cache.path, val_rows["cache_row"].to_numpy(), batch_size=batch, device=device, precision=precision
     )
@@ -766,7 +772,7 @@ def fit_final(
             model,
             test_cache.path,
             np.arange(test_cache.count),
-            batch_size=cfg.train.batch_size * 2,
+            batch_size=batch_of(cfg.train) * 2,
             device=inference_device(cfg.train.accelerator),
             precision=precision,
         )

@@ -124,8 +124,10 @@ def trial_config(base: Config, values: dict[str, Any]) -> Config:
 def check_space(base: Config) -> None:
     """Every bound and choice must be a valid value of its key (and model/optimizer names must exist)."""
     from pstage.models.classifier import check_model_name
+    from pstage.training.names import check_names
     from pstage.training.train import check_optimizer
 
+    check_names(base)  # registry names (heads, loss, loggers): the config layer cannot check them
     for key, param in base.tune.space.items():
         kind = param_kind(key, param)
         candidates = list(param.choices or []) if kind == "categorical" else [param.low, param.high]
@@ -133,7 +135,7 @@ def check_space(base: Config) -> None:
             candidates = [int(c) for c in candidates]  # type: ignore[arg-type]
         for value in candidates:
             try:
-                load_config(merge(base.to_dict(), nested({key: value})))
+                check_names(load_config(merge(base.to_dict(), nested({key: value}))))
             except ConfigError as exc:
                 raise ConfigError(f"tune.space[{key}]: {value!r} is not a valid value ({exc})") from None
             try:

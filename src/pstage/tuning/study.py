@@ -8,6 +8,7 @@ import re
 import socket
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from optuna.trial import TrialState
 
 from pstage.config import Config, TuneConfig, diff_configs
 from pstage.core.errors import ConfigError, RunError
+from pstage.core.registry import Registry
 from pstage.tuning.space import flow
 
 BASE_ATTR = "pstage.base_config"  # study user attr: the base config every trial starts from
@@ -223,18 +225,43 @@ def max_steps(base: Config) -> int:
     return folds * epochs
 
 
-def make_pruner(tc: TuneConfig, steps: int) -> Any:
-    if tc.pruner == "median":
-        return optuna.pruners.MedianPruner(
-            n_startup_trials=tc.pruner_startup_trials, n_warmup_steps=tc.pruner_warmup_steps
-        )
-    if tc.pruner == "halving":
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=max(1, tc.pruner_warmup_steps), reduction_factor=3)
-    if tc.pruner == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(steps, 1), reduction_factor=3)
-    if tc.pruner == "threshold":
-        return optuna.pruners.ThresholdPruner(lower=tc.prune_below, n_warmup_steps=tc.pruner_warmup_steps)
+# tune.pruner by name: a factory (tune config, the longest trial's steps) -> an Optuna pruner.
+PRUNERS: Registry[Callable[[TuneConfig, int], optuna.pruners.BasePruner]] = Registry("pruner", "tune.pruner")
+
+
+@PRUNERS.register("median")
+def _median(tc: TuneConfig, steps: int) -> optuna.pruners.BasePruner:
+    """Below the median of earlier trials at the same step."""
+    return optuna.pruners.MedianPruner(n_startup_trials=tc.pruner_startup_trials, n_warmup_steps=tc.pruner_warmup_steps)
+
+
+@PRUNERS.register("halving")
+def _halving(tc: TuneConfig, steps: int) -> optuna.pruners.BasePruner:
+    """Successive halving."""
+    return optuna.pruners.SuccessiveHalvingPruner(min_resource=max(1, tc.pruner_warmup_steps), reduction_factor=3)
+
+
+@PRUNERS.register("hyperband")
+def _hyperband(tc: TuneConfig, steps: int) -> optuna.pruners.BasePruner:
+    """Hyperband over up to ``steps`` steps."""
+    return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(steps, 1), reduction_factor=3)
+
+
+@PRUNERS.register("threshold")
+def _threshold(tc: TuneConfig, steps: int) -> optuna.pruners.BasePruner:
+    """Below tune.prune_below after the warm-up steps."""
+    return optuna.pruners.ThresholdPruner(lower=tc.prune_below, n_warmup_steps=tc.pruner_warmup_steps)
+
+
+@PRUNERS.register("none")
+def _no_pruning(tc: TuneConfig, steps: int) -> optuna.pruners.BasePruner:
+    """Every trial runs to the end."""
     return optuna.pruners.NopPruner()
+
+
+def make_pruner(tc: TuneConfig, steps: int) -> optuna.pruners.BasePruner:
+    """The Optuna pruner tune.pruner names."""
+    return PRUNERS.create(tc.pruner, tc, steps)
 
 
 def check_base(study: optuna.Study, base: Config) -> None:

@@ -34,6 +34,7 @@ from pstage.tuning.results import TuneResult, show_study
 from pstage.tuning.space import check_single_process, check_space, suggest, trial_config
 from pstage.tuning.study import (
     FAIL_STREAK,
+    PRUNERS,
     WORKER,
     _is_journal,
     check_base,
@@ -101,6 +102,7 @@ def tune(
             "tune.space is empty: add a search space to the config, e.g. tune: {space: {optim.lr: {low: 1.0e-4, high: 1.0e-2, log: true}}}"
         )
     check_single_process(base)
+    PRUNERS.check(base.tune.pruner)
     url = storage_url(storage, runs)
     heartbeat = (base.tune.heartbeat_interval, base.tune.heartbeat_grace)
     opened = open_storage(url, heartbeat)  # an unreachable storage answers before torch is imported

@@ -1,0 +1,347 @@
+"""Person-consistent predictions (mask task): group test photos by identity, pool gender and age.
+
+A person's 7 photos (5 mask, 1 incorrect, 1 normal) share one gender and one age, but test photos
+arrive unlabelled and shuffled. So: embed every image with the trained fold models (the pooled
+backbone features, L2-normalised; several folds are concatenated, so a distance is the mean of the
+folds' cosine distances), cluster them (average-linkage agglomerative clustering on cosine
+distance, cut at a distance threshold; two photos both predicted ``normal`` or both
+``incorrect`` may not share a group, since a person has one of each), then within a group average
+the log-probabilities of the joint gender x age distribution; each photo keeps its own mask
+probabilities. The threshold is chosen on the run's OOF predictions, where persons are known
+(each fold's validation images, embedded by that fold's own model), by the grouped CV macro F1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy.cluster.hierarchy import fcluster, linkage
+from scipy.spatial.distance import pdist
+from sklearn.metrics import adjusted_rand_score
+
+from pstage.config import Config
+from pstage.core.devices import autocast_dtype, inference_device, resolve_precision
+from pstage.core.errors import ConfigError
+from pstage.core.io import write_csv
+from pstage.core.metrics import cv_scores, fold_macro_f1, prob_columns
+from pstage.core.tasks import Task
+from pstage.data.datasets import CachedImages, make_loader
+from pstage.models.checkpoint import load_fold_module
+from pstage.models.module import ClassifierModule
+from pstage.runs.rundir import submission_frame
+
+# Candidate cosine-distance cuts searched on OOF (average linkage: the mean distance between two groups).
+THRESHOLDS = tuple(round(t, 3) for t in np.arange(0.02, 0.62, 0.02))
+FORBIDDEN = 1e3  # distance of a cannot-link pair: larger than any average it can take part in matters
+
+
+def supports(task: Task) -> bool:
+    """Grouping needs the mask task's heads: a mask state per photo and gender/age shared by a person."""
+    return task.has_subtasks and {"mask", "gender", "age"} <= set(task.heads)
+
+
+def resolve_group(setting: str, task: Task) -> bool:
+    """Whether to try grouping: ``auto`` and ``on`` for the mask task; ``on`` elsewhere is an error."""
+    if setting == "off":
+        return False
+    if not supports(task):
+        if setting == "on":
+            raise ConfigError(
+                "persons.group=on needs the mask task (gender and age shared by a person's photos); set persons.group=off"
+            )
+        return False
+    return True
+
+
+def embed(
+    module: ClassifierModule,
+    cache: str | Path,
+    rows: Sequence[int] | np.ndarray,
+    *,
+    batch_size: int = 128,
+    device: torch.device | None = None,
+    precision: str = "32-true",
+) -> np.ndarray:
+    """L2-normalised pooled backbone features (N, D) of cache rows: the input of the model's heads."""
+    device = device or torch.device("cpu")
+    module = module.to(device).eval()
+    model = module.model
+    dtype = autocast_dtype(precision)
+    out = []
+    loader = make_loader(CachedImages(cache, np.asarray(rows)), batch_size, 0)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+    with torch.inference_mode(), autocast:
+        for images, _ in loader:
+            features = model.pool(model.backbone(module._inputs(images.to(device)))).float()
+            out.append(torch.nn.functional.normalize(features.flatten(1), dim=1).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, 1), np.float32)
+
+
+def fold_embeddings(
+    checkpoints: Sequence[Path], cache: str | Path, config: Config, rows: np.ndarray | None = None, count: int = 0
+) -> np.ndarray:
+    """Every fold model's normalised features side by side, scaled so the whole vector has unit norm."""
+    precision = resolve_precision(config.train.precision, config.train.accelerator)
+    device = inference_device(config.train.accelerator)
+    rows = np.arange(count) if rows is None else rows
+    parts = [
+        embed(
+            load_fold_module(c),
+            cache,
+            rows,
+            batch_size=config.train.batch_size * 2,
+            device=device,
+            precision=precision,
+        )
+        for c in checkpoints
+    ]
+    return np.concatenate(parts, axis=1) / np.sqrt(len(parts))
+
+
+def mask_states(probs: np.ndarray, task: Task) -> np.ndarray:
+    """Predicted mask head class (0 wear, 1 incorrect, 2 not worn) per photo."""
+    return head_probs(probs, task, "mask").argmax(1)
+
+
+def head_probs(probs: np.ndarray, task: Task, head: str) -> np.ndarray:
+    """A head's marginal probabilities (N, K) from final-class probabilities (N, C)."""
+    index = np.asarray(task.class_to_head[head])
+    return np.stack([probs[:, index == k].sum(1) for k in range(len(task.heads[head]))], axis=1)
+
+
+def group_tree(embeddings: np.ndarray, states: np.ndarray | None = None) -> np.ndarray:
+    """Average-linkage tree (scipy linkage matrix) on cosine distance, with cannot-link pairs.
+
+    Two photos both predicted ``incorrect`` or both ``not worn`` get a huge distance: a person has
+    one photo of each, so such a pair is two persons (average linkage then never joins their groups
+    below any useful threshold).
+    """
+    n = len(embeddings)
+    if n < 2:
+        return np.zeros((0, 4))
+    distances = np.clip(pdist(embeddings.astype(np.float64), "cosine"), 0.0, 2.0)
+    if states is not None:
+        i, j = np.triu_indices(n, k=1)  # pdist's condensed order
+        distances[(states[i] == states[j]) & (states[i] > 0)] = FORBIDDEN
+    return linkage(distances, method="average")
+
+
+def cut(tree: np.ndarray, n: int, threshold: float) -> np.ndarray:
+    """Group ids (0..G-1) of ``n`` photos: the tree cut where the average distance exceeds ``threshold``."""
+    if n < 2:
+        return np.zeros(n, np.int64)
+    return fcluster(tree, t=threshold, criterion="distance").astype(np.int64) - 1
+
+
+def group_photos(embeddings: np.ndarray, probs: np.ndarray, task: Task, threshold: float) -> np.ndarray:
+    """Person group id per photo."""
+    return cut(group_tree(embeddings, mask_states(probs, task)), len(embeddings), threshold)
+
+
+def pool(probs: np.ndarray, groups: np.ndarray, task: Task) -> np.ndarray:
+    """Final-class probabilities with gender x age shared within each group.
+
+    Per photo: its own mask marginal times its group's gender x age distribution, the normalised
+    geometric mean (mean log-probability) of the members' joint gender x age distributions.
+    """
+    mask_index = np.asarray(task.class_to_head["mask"])
+    ga_index = np.asarray(task.class_to_head["gender"]) * len(task.heads["age"]) + np.asarray(task.class_to_head["age"])
+    n_ga = len(task.heads["gender"]) * len(task.heads["age"])
+    joint = np.stack([probs[:, ga_index == k].sum(1) for k in range(n_ga)], axis=1)
+    logs = np.log(np.clip(joint, 1e-8, None))
+    sums = np.zeros((groups.max() + 1 if len(groups) else 0, n_ga))
+    np.add.at(sums, groups, logs)
+    mean = sums[groups] / np.bincount(groups)[groups][:, None]
+    shared = np.exp(mean - mean.max(1, keepdims=True))
+    shared /= shared.sum(1, keepdims=True)
+    masks = head_probs(probs, task, "mask")
+    return masks[:, mask_index] * shared[:, ga_index]
+
+
+def purity(groups: np.ndarray, persons: np.ndarray) -> dict[str, float]:
+    """How well groups match persons: adjusted Rand index, and the fraction of photos whose group is exactly their person."""
+    frame = pd.DataFrame({"g": groups, "p": persons})
+    exact_groups = frame.groupby("g")["p"].agg(lambda s: s.nunique() == 1)
+    group_size = frame.groupby("g")["p"].transform("size")
+    person_size = frame.groupby("p")["g"].transform("size")
+    exact = frame["g"].map(exact_groups).to_numpy() & (group_size == person_size).to_numpy()
+    return {
+        "ari": float(adjusted_rand_score(persons, groups)),
+        "exact": float(exact.mean()),
+        "groups": int(frame["g"].nunique()),
+        "persons": int(frame["p"].nunique()),
+    }
+
+
+@dataclass
+class OofChoice:
+    """The threshold chosen on OOF and what grouping did there."""
+
+    threshold: float
+    cv_before: dict[str, Any]
+    cv_after: dict[str, Any]
+    purity: dict[str, float]
+    probs: np.ndarray  # grouped OOF probabilities, oof row order
+    groups: np.ndarray  # group ids (unique across folds)
+    sweep: list[dict[str, float]]  # threshold -> grouped CV macro F1 and ARI
+
+    @property
+    def gain(self) -> float:
+        return self.cv_after["macro_f1"] - self.cv_before["macro_f1"]
+
+
+def choose_threshold(
+    oof: pd.DataFrame,
+    embeddings: np.ndarray,
+    persons: np.ndarray,
+    task: Task,
+    threshold: float | None = None,
+    thresholds: Sequence[float] = THRESHOLDS,
+) -> OofChoice:
+    """Group each fold's OOF photos (never across folds: each fold has its own model) and score it.
+
+    With ``threshold`` None the cut is the one with the best grouped CV macro F1 (ties: the
+    smaller); ``oof`` is the run's oof.csv, ``embeddings`` its rows' features from their own fold's
+    model, ``persons`` their person ids.
+    """
+    probs = oof[prob_columns(task.num_classes)].to_numpy()
+    states = mask_states(probs, task)
+    folds = oof["fold"].to_numpy()
+    targets = oof["target"].to_numpy()
+    trees = {k: group_tree(embeddings[folds == k], states[folds == k]) for k in np.unique(folds)}
+
+    def grouped(t: float) -> tuple[np.ndarray, np.ndarray]:
+        groups = np.zeros(len(oof), np.int64)
+        offset = 0
+        for k, tree in trees.items():
+            rows = folds == k
+            groups[rows] = cut(tree, int(rows.sum()), t) + offset
+            offset = groups[rows].max() + 1
+        return groups, pool(probs, groups, task)
+
+    def scored(p: np.ndarray) -> dict[str, Any]:
+        return cv_scores(oof.assign(**dict(zip(prob_columns(task.num_classes), p.T, strict=True))), task)
+
+    sweep = []
+    for t in [threshold] if threshold is not None else thresholds:
+        groups, pooled = grouped(t)
+        score = fold_macro_f1(targets, pooled, folds)  # the CV macro F1, fast: the sweep scores many cuts
+        sweep.append({"threshold": t, "macro_f1": score, "ari": purity(groups, persons)["ari"]})
+    best = max(sweep, key=lambda r: (round(r["macro_f1"], 6), -r["threshold"]))
+    groups, pooled = grouped(best["threshold"])
+    return OofChoice(best["threshold"], scored(probs), scored(pooled), purity(groups, persons), pooled, groups, sweep)
+
+
+PERSON_FILES = ("test_raw.csv", "persons.csv", "oof_persons.csv")
+
+
+def group_run(
+    run_dir: Path,
+    config: Config,
+    task: Task,
+    train: pd.DataFrame,
+    train_cache: str | Path,
+    test: pd.DataFrame | None,
+    test_cache: str | Path | None,
+    test_format: str,
+    checkpoints: Sequence[Path],
+) -> dict[str, Any] | None:
+    """After training: choose the cut on OOF, then group and pool the run's test predictions.
+
+    ``train`` is the source's training table (image_id, group = person, cache_row), ``test`` its
+    test table in test.csv's order, ``checkpoints`` the finished folds' best.ckpt. Writes oof_persons.csv (grouped OOF, with the group ids); when
+    grouping is applied also test_raw.csv (the ungrouped probabilities), persons.csv (image_id,
+    person group) and test.csv/submission.csv rewritten from the grouped probabilities. Returns
+    run.json's ``persons`` record, or None when grouping is off or not possible for this task.
+    """
+    for stale in PERSON_FILES:
+        (run_dir / stale).unlink(missing_ok=True)
+    if not resolve_group(config.persons.group, task):
+        return None
+    by_fold = {int(c.parent.name.split("_")[1]): c for c in checkpoints}
+    oof = pd.read_csv(run_dir / "oof.csv", dtype={"image_id": str})
+    table = train.set_index("image_id")
+    precision = resolve_precision(config.train.precision, config.train.accelerator)
+    device = inference_device(config.train.accelerator)
+    embeddings = None
+    for fold, checkpoint in by_fold.items():
+        rows = (oof["fold"] == fold).to_numpy()
+        part = embed(
+            load_fold_module(checkpoint),
+            train_cache,
+            table.loc[oof.loc[rows, "image_id"], "cache_row"].to_numpy(),
+            batch_size=config.train.batch_size * 2,
+            device=device,
+            precision=precision,
+        )
+        embeddings = np.zeros((len(oof), part.shape[1]), np.float32) if embeddings is None else embeddings
+        embeddings[rows] = part
+    persons = table.loc[oof["image_id"], "group"].astype(str).to_numpy()
+    choice = choose_threshold(oof, embeddings, persons, task, config.persons.threshold)
+    cols = prob_columns(task.num_classes)
+    grouped_oof = oof[["image_id", "fold", "target"]].assign(person=choice.groups)
+    write_csv(run_dir / "oof_persons.csv", pd.concat([grouped_oof, pd.DataFrame(choice.probs, columns=cols)], axis=1))
+    applied = config.persons.group == "on" or choice.gain > 0
+    record: dict[str, Any] = {
+        "group": config.persons.group,
+        "applied": applied,
+        "threshold": choice.threshold,
+        "threshold_chosen_on_oof": config.persons.threshold is None,
+        "cv_before": _summary(choice.cv_before),
+        "cv_after": _summary(choice.cv_after),
+        "purity": choice.purity,
+    }
+    if applied and test is not None and test_cache is not None and (run_dir / "test.csv").exists():
+        raw = pd.read_csv(run_dir / "test.csv", dtype={"image_id": str})
+        probs = raw[cols].to_numpy()
+        features = fold_embeddings(list(by_fold.values()), test_cache, config, count=len(raw))
+        groups = group_photos(features, probs, task, choice.threshold)
+        pooled = pool(probs, groups, task)
+        write_csv(run_dir / "test_raw.csv", raw, float_format="%.6g")
+        write_csv(run_dir / "persons.csv", pd.DataFrame({"image_id": raw["image_id"], "person": groups}))
+        write_csv(
+            run_dir / "test.csv",
+            pd.concat([raw[["image_id"]], pd.DataFrame(pooled, columns=cols)], axis=1),
+            float_format="%.6g",
+        )
+        write_csv(run_dir / "submission.csv", submission_frame(test, pooled, task, test_format))
+        record["test_groups"] = int(groups.max() + 1) if len(groups) else 0
+    return record
+
+
+def _summary(cv: dict[str, Any]) -> dict[str, Any]:
+    return {"macro_f1": cv["macro_f1"], "per_task": cv["per_task"]}
+
+
+def group_test(
+    info: dict[str, Any], checkpoints: Sequence[Path], cache: str | Path, config: Config, probs: np.ndarray, task: Task
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """``pstage predict``: test probabilities grouped as training decided (run.json ``persons``), and the groups."""
+    decided = info.get("persons") or {}
+    if not decided.get("applied") or not supports(task) or len(probs) < 2:
+        return probs, None
+    features = fold_embeddings(checkpoints, cache, config, count=len(probs))
+    groups = group_photos(features, probs, task, float(decided["threshold"]))
+    return pool(probs, groups, task), groups
+
+
+def describe_grouping(record: dict[str, Any]) -> str:
+    """One console line: the OOF CV without and with grouping, the purity, and whether test is grouped."""
+    before, after = record["cv_before"], record["cv_after"]
+    tasks = ", ".join(
+        f"{h} {before['per_task'][h]:.3f}->{after['per_task'][h]:.3f}"
+        for h in ("gender", "age")
+        if h in after["per_task"]
+    )
+    verdict = "applied to test" if record["applied"] else "not applied (no OOF gain)"
+    return (
+        f"persons: OOF CV {before['macro_f1']:.4f} -> {after['macro_f1']:.4f} grouped ({tasks}; "
+        f"cut {record['threshold']:g}, ARI {record['purity']['ari']:.3f}, {record['purity']['exact']:.0%} photos in exactly their person's group): {verdict}"
+    )
