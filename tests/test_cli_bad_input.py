@@ -37,20 +37,18 @@ COMMANDS = (
 )
 SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 
-# Known keys with values they refuse (the culprit is the key).
+# Known keys with values they refuse (the culprit is the key). Names picked from a registry
+# (model.head, loss.name, log.loggers, ...) are checked by each command after its inputs, not here.
 BAD_VALUES = {
     "train.epochs": ["0", "-3", "abc", "1.5", "[1]"],
     "train.batch_size": ["0", "x"],
     "optim.lr": ["0", "-1", "fast"],
     "split.folds": ["1", "100", "five"],
     "data.image_size": ["[1,2,3]", "[4,4]", "big", "[a,b]"],
-    "model.head": ["nope", "3"],
-    "loss.name": ["mse"],
     "train.precision": ["9", "half"],
     "tune.heartbeat_grace": ["1", "-5"],
     "tune.sampler": ["grid"],
     "tta.scales": ["[]", "[9.0]"],
-    "log.loggers": ["[slack]"],
 }
 word = st.text(alphabet="abcdefghijklmnopqrstuvwxyz_", min_size=1, max_size=10)
 SECTIONS = ("data", "split", "model", "loss", "optim", "train", "augment", "tta", "log", "tune")
@@ -99,7 +97,8 @@ def _snapshot(root: Path) -> dict[str, float]:
     return {str(p.relative_to(root)): p.stat().st_mtime for p in root.rglob("*")}
 
 
-def _check(sandbox: Path, args: list[str], culprit: str) -> None:
+def _check(sandbox: Path, args: list[str], culprit: str | tuple[str, ...]) -> None:
+    """Exit 2, one error line naming the culprit (or one of them), no traceback, nothing written."""
     before = _snapshot(sandbox)
     result = CliRunner().invoke(app, args, env={"COLUMNS": "300"})
     shown = f"pstage {' '.join(args)} -> exit {result.exit_code}\n{result.output}"
@@ -108,7 +107,8 @@ def _check(sandbox: Path, args: list[str], culprit: str) -> None:
     assert "Traceback" not in result.output, shown
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), shown
-    assert culprit in lines[0], f"culprit {culprit!r} not named: {shown}"
+    culprits = (culprit,) if isinstance(culprit, str) else culprit
+    assert any(c in lines[0] for c in culprits), f"culprit {culprit!r} not named: {shown}"
     assert _snapshot(sandbox) == before, f"something was written: {shown}"
 
 
@@ -170,7 +170,7 @@ def test_missing_paths_and_names_are_one_line_naming_them(sandbox, command, name
 
 CHOICES = [
     (["board", "--runs", ".", "--sort"], "--sort"),
-    (["ensemble", "r1", "r2", "--method"], "--method"),
+    (["ensemble", "r1", "r2", "--method"], ("--method", "'r1'")),  # two culprits: either may answer first
     (["tune", "--trials", "1", "--backend"], "--backend"),
     (["tune", "--trials", "1", "--data", ".", "tune.space={optim.lr: [0.1, 0.01]}", "--storage"], "--storage"),
     (["export", "teacher_run", "--runs", ".", "--format"], "--format"),
