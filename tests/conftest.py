@@ -91,6 +91,15 @@ def demo_copy(demo_root: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(demo_root, tmp_path / "data"))
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nothing listens on now (for a server or a DDP rendezvous)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run_cli(
     *args: str, cwd: Path | None = None, timeout: float = 300, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:

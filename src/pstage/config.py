@@ -441,6 +441,16 @@ class TuneConfig(Section):
         0.0, description="threshold: prune a trial whose running macro F1 is below this after the warm-up steps."
     )
     top: int = Field(10, ge=1, description="Trials listed in the results table.")
+    heartbeat_interval: int = Field(
+        30,
+        ge=1,
+        description="SQL storages: seconds between a running trial's heartbeats (one tiny write each).",
+    )
+    heartbeat_grace: int = Field(
+        180,
+        ge=2,
+        description="SQL storages: a running trial without a heartbeat this long (its worker was killed or lost power) turns FAIL when any worker starts or finishes a trial; keep it well above heartbeat_interval.",
+    )
 
     @field_validator("space")
     @classmethod
@@ -452,6 +462,14 @@ class TuneConfig(Section):
             if key not in keys:
                 raise ValueError(f"unknown key '{key}' in the search space{_closest(key)}")
         return value
+
+    @model_validator(mode="after")
+    def _grace_above_interval(self) -> TuneConfig:
+        if self.heartbeat_grace <= self.heartbeat_interval:
+            raise ValueError(
+                f"tune.heartbeat_grace ({self.heartbeat_grace}) must be above tune.heartbeat_interval ({self.heartbeat_interval}), or live trials would be failed"
+            )
+        return self
 
 
 class DistillConfig(Section):

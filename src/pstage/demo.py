@@ -15,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from pstage.core.console import console
+from pstage.core.errors import ConfigError
 from pstage.core.metrics import macro_f1
 from pstage.data.synthetic import TRUTH_FILE, make_demo_data
 
@@ -84,7 +85,10 @@ def run_demo(out: str | Path = "demo", quick: bool = False) -> DemoResult:
     from pstage.training.train import train
 
     plan = QUICK if quick else FULL
-    out = Path(out).resolve()
+    out = Path(out).expanduser().resolve()
+    blocker = next((p for p in (out, *out.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise ConfigError(f"--out {out}: {blocker} is a file, not a folder; pass a folder for the demo data and runs")
     started = time.time()
     console.rule("[bold]pstage demo")
     data = make_demo_data(

@@ -17,17 +17,29 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 import optuna
+from rich.markup import escape
 
 from pstage.config import Config
 from pstage.core.console import console
-from pstage.core.errors import ConfigError
+from pstage.core.errors import ConfigError, PstageError, RunError
+from pstage.core.io import read_json, write_json
 from pstage.tuning.results import TuneResult, show_study
 from pstage.tuning.space import decode, distributions, trial_config
-from pstage.tuning.study import check_base, fail_running, make_sampler, masked, max_steps, metric_value
+from pstage.tuning.study import (
+    FAIL_STREAK,
+    check_base,
+    fail_running,
+    make_sampler,
+    masked,
+    max_steps,
+    metric_value,
+    trial_counts,
+)
 
 RUN_KEY = "pstage_run"  # added to each Ray trial's config: the run name (from the Optuna trial number)
 METRIC = "objective"
@@ -117,70 +129,174 @@ def tune_ray(
     url: str,
     storage: optuna.storages.BaseStorage,
 ) -> TuneResult:
-    """Run the study's remaining trials on Ray Tune; then report the study like the Optuna backend."""
+    """Run the study's remaining trials on Ray Tune; then report the study like the Optuna backend.
+
+    As with the Optuna backend, a trial that crashes is FAIL and the search goes on (FAIL_STREAK in a
+    row stop it), a trial stopped by the user's input (a PstageError) stops the search with its
+    message, and Ctrl-C marks the running trials failed and re-raises KeyboardInterrupt.
+    """
     import_ray()
     import ray
     from optuna.trial import TrialState
+
+    runs = runs.resolve()
+    study = optuna.create_study(storage=storage, study_name=name, direction="maximize", load_if_exists=True)
+    check_base(study, base)
+    finished = (TrialState.COMPLETE, TrialState.PRUNED)
+    done = len(study.get_trials(deepcopy=False, states=finished))
+    console.print(f"[bold]study {name}[/] ({masked(url)}) on Ray Tune: {done}/{trials} trials finished")
+    if done >= trials:
+        return show_study(name, url, runs, study=study)
+    # Ctrl-C raises KeyboardInterrupt in this process (as with the Optuna backend) instead of Ray's
+    # graceful stop, which returns from fit() as if the search were over.
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
+    started = time.time()
+    own_ray = not ray.is_initialized()
+    t0 = time.perf_counter()
+    local = {} if os.environ.get("RAY_ADDRESS") else {"include_dashboard": False}  # a local Ray: no web UI processes
+    ray.init(ignore_reinit_error=True, log_to_driver=True, **local)  # joins RAY_ADDRESS's cluster when set
+    console.print(f"  Ray up in {time.perf_counter() - t0:.1f}s: {ray.cluster_resources().get('CPU', 0):g} CPU(s)")
+    worker = f"ray:{os.getpid()}"
+    try:
+        while done < trials:
+            left = None if timeout is None else timeout - (time.time() - started)
+            if left is not None and left <= 0:
+                break
+            try:
+                grid = _fit(base, name, runs, storage, samples=trials - done, timeout=left)
+            except KeyboardInterrupt:
+                ray.shutdown()  # stops the trial processes; then their trials and runs are marked failed
+                failed = fail_running(study, worker=worker)
+                for number in failed:
+                    _mark_run_failed(runs / f"{name}-{number:03d}", "interrupted")
+                c = trial_counts(study)
+                which = ", ".join(f"trial {n} ({name}-{n:03d})" for n in failed) or "no trial"
+                console.print(
+                    f"[yellow]interrupted[/]: {which} marked failed; study {name} has {c.get('COMPLETE', 0)} complete, "
+                    f"{c.get('PRUNED', 0)} pruned trials; run the same command to continue"
+                )
+                raise
+            now = len(study.get_trials(deepcopy=False, states=finished))
+            _check_failures(study, grid, name, runs, worker)
+            if now == done and not any(r.error for r in grid):
+                break  # the time budget ended the round
+            done = now
+    finally:
+        if own_ray and ray.is_initialized():
+            ray.shutdown()
+    return show_study(name, url, runs, study=study)
+
+
+def _fit(
+    base: Config, name: str, runs: Path, storage: optuna.storages.BaseStorage, *, samples: int, timeout: float | None
+) -> Any:
+    """One Ray Tune search of ``samples`` trials (ASHA stops the unpromising); returns its ResultGrid."""
+    import ray
     from ray import tune as rt
-    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     try:
         from ray.tune import RunConfig
     except ImportError:  # Ray < 2.41
         from ray.train import RunConfig
 
-    runs = runs.resolve()
     tc = base.tune
-    study = optuna.create_study(storage=storage, study_name=name, direction="maximize", load_if_exists=True)
-    check_base(study, base)
-    done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
-    console.print(f"[bold]study {name}[/] ({masked(url)}) on Ray Tune: {done}/{trials} trials finished")
-    if done < trials:
-        ray.init(ignore_reinit_error=True, log_to_driver=True)  # joins RAY_ADDRESS's cluster when set
-        gpus = int(ray.cluster_resources().get("GPU", 0))
-        cpus = int(ray.cluster_resources().get("CPU", 1))
-        per_trial = {"gpu": 1, "cpu": max(1, cpus // max(gpus, 1))} if gpus else {"cpu": cpus}
-        seed = tc.seed if tc.seed is not None else base.seed
-        search = _search_class()(
-            distributions(tc.space),
-            metric=METRIC,
-            mode="max",
-            sampler=make_sampler(tc, seed),
-            study_name=name,
-            storage=storage,
-            study=name,
-            runs=runs,
-        )
-        steps = max_steps(base)
-        scheduler = ASHAScheduler(
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    per_trial = {"gpu": 1, "cpu": max(1, cpus // max(gpus, 1))} if gpus else {"cpu": cpus}
+    seed = tc.seed if tc.seed is not None else base.seed
+    search = _search_class()(
+        distributions(tc.space),
+        metric=METRIC,
+        mode="max",
+        sampler=make_sampler(tc, seed),
+        study_name=name,
+        storage=storage,
+        study=name,
+        runs=runs,
+    )
+    # ASHA stands in for every Optuna pruner; tune.pruner=none keeps every trial (FIFO). Ray counts
+    # reports from 1, Optuna's steps from 0: warm-up steps w protect iterations 1..w.
+    scheduler = (
+        FIFOScheduler()
+        if tc.pruner == "none"
+        else ASHAScheduler(
             time_attr="training_iteration",
-            max_t=steps + 1,  # + the final report carrying the CV metric
-            grace_period=max(1, tc.pruner_warmup_steps),
+            max_t=max_steps(base) + 1,  # + the final report carrying the CV metric
+            grace_period=tc.pruner_warmup_steps + 1,
             reduction_factor=3,
         )
-        fn = functools.partial(trainable, base=base.to_dict(), runs=str(runs))
-        tuner = rt.Tuner(
-            rt.with_resources(fn, per_trial),
-            tune_config=rt.TuneConfig(
-                metric=METRIC,
-                mode="max",
-                search_alg=search,
-                scheduler=scheduler,
-                num_samples=trials - done,
-                time_budget_s=timeout,
-            ),
-            run_config=RunConfig(
-                name=f"{name}-{dt.datetime.now():%Y%m%d-%H%M%S}",
-                storage_path=str(runs / "tune" / "ray"),
-                verbose=1,
-            ),
+    )
+    fn = functools.partial(trainable, base=base.to_dict(), runs=str(runs))
+    tuner = rt.Tuner(
+        rt.with_resources(fn, per_trial),
+        tune_config=rt.TuneConfig(
+            metric=METRIC,
+            mode="max",
+            search_alg=search,
+            scheduler=scheduler,
+            num_samples=samples,
+            # No more trials asked of Optuna than can run: a queued one would sit RUNNING in the study.
+            max_concurrent_trials=max(gpus, 1),
+            time_budget_s=timeout,
+        ),
+        run_config=RunConfig(
+            name=f"{name}-{dt.datetime.now():%Y%m%d-%H%M%S}",
+            storage_path=str(runs / "tune" / "ray"),
+            verbose=1,
+        ),
+    )
+    return tuner.fit()
+
+
+def _cause(error: BaseException | None) -> BaseException | None:
+    """The trial's own exception inside Ray's wrappers (RayTaskError, TuneError)."""
+    seen = 0
+    while error is not None and not isinstance(error, PstageError) and seen < 5:
+        error = getattr(error, "cause", None) or error.__cause__
+        seen += 1
+    return error
+
+
+def _check_failures(study: optuna.Study, grid: Any, name: str, runs: Path, worker: str) -> None:
+    """Failed trials of one round: the user's input stops the search; crashes go on up to a streak."""
+    from optuna.trial import TrialState
+
+    for result in grid:
+        if result.error is None:
+            continue
+        run = (result.config or {}).get(RUN_KEY, "?")
+        cause = _cause(result.error)
+        if isinstance(cause, PstageError):
+            raise type(cause)(f"trial {run.rsplit('-', 1)[-1].lstrip('0') or '0'} ({run}): {cause}") from None
+        error = cause if cause is not None else result.error
+        message = f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
+        console.print(f"[red]trial {run} failed[/]: {escape(message)} (run {runs / run}); going on")
+    mine = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("worker") == worker]
+    streak = 0
+    for trial in sorted(mine, key=lambda t: t.number):
+        streak = streak + 1 if trial.state == TrialState.FAIL else 0
+    if streak >= FAIL_STREAK:
+        last = mine[-1].user_attrs.get("run")
+        raise RunError(
+            f"{FAIL_STREAK} trials in a row failed, the last ({last}) with {_last_error(runs / str(last))}; "
+            "fix the setup, then run the same command to continue"
         )
-        try:
-            tuner.fit()
-        except KeyboardInterrupt:
-            failed = fail_running(study, worker=f"ray:{os.getpid()}")
-            console.print(
-                f"[yellow]interrupted[/]: trial(s) {', '.join(map(str, failed)) or 'none'} marked failed; run the same command to continue"
-            )
-            raise
-    return show_study(name, url, runs, study=study)
+
+
+def _last_error(run_dir: Path) -> str:
+    try:
+        return str(read_json(run_dir / "run.json").get("error") or "an error")[:300]
+    except (OSError, ValueError):
+        return "an error"
+
+
+def _mark_run_failed(run_dir: Path, reason: str) -> None:
+    """A trial run whose process Ray stopped keeps status running: record it failed, as train() would."""
+    path = run_dir / "run.json"
+    try:
+        info = read_json(path)
+    except (OSError, ValueError):
+        return
+    if info.get("status") == "running":
+        write_json(path, {**info, "status": "failed", "error": reason})

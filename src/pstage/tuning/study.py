@@ -36,6 +36,7 @@ OBJECTIVE_KEYS = ("tune.metric", "tune.folds")
 
 
 WORKER = f"{socket.gethostname()}:{os.getpid()}"  # marks this process's trials (Ctrl-C clean-up)
+FAIL_STREAK = 3  # a worker stops after this many failed trials in a row (a broken setup, not bad luck)
 
 
 # --------------------------------------------------------------------------------------------
@@ -77,12 +78,13 @@ def masked(url: str) -> str:
     return re.sub(r"(://[^:/@]+:)[^@/]+@", r"\1***@", url)
 
 
-def open_storage(url: str) -> optuna.storages.BaseStorage:
+def open_storage(url: str, heartbeat: tuple[int, int] = (30, 180)) -> optuna.storages.BaseStorage:
     """An Optuna storage for the URL; a storage that cannot be opened is one ConfigError line.
 
-    RDB storages get a heartbeat, so a trial whose worker died (power cut, SIGKILL) turns FAIL
-    after 3 minutes instead of counting as running forever. SQLite waits up to 60 s for a lock
-    (several workers on one machine). Journal files take locks of their own (also on NFS).
+    RDB storages get a heartbeat (``heartbeat`` = (interval, grace) seconds: tune.heartbeat_interval,
+    tune.heartbeat_grace), so a trial whose worker died (power cut, SIGKILL) turns FAIL after the
+    grace instead of counting as running forever. SQLite waits up to 60 s for a lock (several
+    workers on one machine). Journal files take locks of their own (also on NFS).
     """
     try:
         if _is_journal(url):
@@ -102,12 +104,12 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
             engine_kwargs = {"connect_args": {"timeout": 60}}
         elif url.startswith(("postgresql", "mysql")):
             engine_kwargs = {"connect_args": {"connect_timeout": 10}, "pool_pre_ping": True}
-        return _rdb_storage(url, engine_kwargs)
+        return _rdb_storage(_with_driver(url), engine_kwargs, heartbeat)
     except Exception as exc:
         reason = getattr(exc, "orig", None) or exc
         text = " ".join(str(reason).split())[:240]
         if isinstance(exc, ImportError):
-            hint = "install the database driver (e.g. pip install psycopg2-binary or pymysql)"
+            hint = "install the database driver: pip install 'pstage[postgres]' (psycopg), or pymysql for MySQL"
         elif url.startswith("sqlite") or _is_journal(url):
             hint = "check the path (its folder must exist and be writable)"
         else:
@@ -117,7 +119,23 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
         ) from None
 
 
-def _rdb_storage(url: str, engine_kwargs: dict[str, Any]) -> optuna.storages.RDBStorage:
+def _with_driver(url: str) -> str:
+    """``postgresql://`` spelled with the PostgreSQL driver that is installed.
+
+    SQLAlchemy picks a default driver by its own version (psycopg2 before 2.1, psycopg 3 since), so a
+    bare URL fails whenever the other one is installed; pstage's ``postgres`` extra installs psycopg 3.
+    """
+    if not url.startswith("postgresql://"):
+        return url
+    import importlib.util
+
+    for module, driver in (("psycopg", "psycopg"), ("psycopg2", "psycopg2")):
+        if importlib.util.find_spec(module) is not None:
+            return url.replace("postgresql://", f"postgresql+{driver}://", 1)
+    return url
+
+
+def _rdb_storage(url: str, engine_kwargs: dict[str, Any], heartbeat: tuple[int, int]) -> optuna.storages.RDBStorage:
     """RDBStorage, safe when several workers start at once on a new database.
 
     Optuna creates the schema on first use, and two processes doing it together fail ("table
@@ -134,7 +152,7 @@ def _rdb_storage(url: str, engine_kwargs: dict[str, Any]) -> optuna.storages.RDB
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                     return optuna.storages.RDBStorage(
-                        url, engine_kwargs=engine_kwargs, heartbeat_interval=30, grace_period=180
+                        url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat[0], grace_period=heartbeat[1]
                     )
             except ImportError:
                 raise

@@ -33,6 +33,7 @@ from pstage.core.errors import ConfigError, DataError, PstageError, RunError
 from pstage.tuning.results import TuneResult, show_study
 from pstage.tuning.space import check_single_process, check_space, suggest, trial_config
 from pstage.tuning.study import (
+    FAIL_STREAK,
     PRUNERS,
     WORKER,
     _is_journal,
@@ -50,9 +51,6 @@ from pstage.tuning.study import (
     study_name,
     trial_counts,
 )
-
-FAIL_STREAK = 3  # a worker stops after this many failed trials in a row (a broken setup, not bad luck)
-
 
 # --------------------------------------------------------------------------------------------
 # The command
@@ -106,7 +104,8 @@ def tune(
     check_single_process(base)
     PRUNERS.check(base.tune.pruner)
     url = storage_url(storage, runs)
-    opened = open_storage(url)  # an unreachable storage answers before torch is imported
+    heartbeat = (base.tune.heartbeat_interval, base.tune.heartbeat_grace)
+    opened = open_storage(url, heartbeat)  # an unreachable storage answers before torch is imported
     check_space(base)
     runs.mkdir(parents=True, exist_ok=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -126,8 +125,6 @@ def _tune_optuna(
     trials: int,
     timeout: float | None,
 ) -> TuneResult:
-    from optuna.study import MaxTrialsCallback
-
     from pstage.core.console import quiet_lightning
 
     quiet_lightning()
@@ -163,7 +160,7 @@ def _tune_optuna(
     else:
         # A worker stops once finished + running trials (its own and others') reach N; counting the
         # others' running trials is what lets N machines finish N trials between them.
-        stop_at_n = MaxTrialsCallback(trials, states=(*finished, TrialState.RUNNING))
+        stop_at_n = _StopAtN(trials, heartbeat=not _is_journal(url))
         sigint = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
         try:
             study.optimize(
@@ -188,6 +185,23 @@ def _tune_optuna(
         )
         raise KeyboardInterrupt
     return show_study(name, url, runs, study=study)
+
+
+class _StopAtN:
+    """Optuna's MaxTrialsCallback over finished + running trials, with dead workers' trials failed first.
+
+    Without the clean-up a SIGKILLed worker's trial would count as running until the next trial
+    starts (Optuna fails stale trials only then), and the survivors would stop one trial short.
+    """
+
+    def __init__(self, trials: int, heartbeat: bool):
+        self.trials, self.heartbeat = trials, heartbeat
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        live_running(study, self.heartbeat)  # fails stale trials (SQL storages)
+        states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+        if len(study.get_trials(deepcopy=False, states=states)) >= self.trials:
+            study.stop()
 
 
 class _TrialFailed(Exception):
