@@ -15,7 +15,7 @@ def test_overrides_parse_as_yaml_values():
         ["train.epochs=3", "data.image_size=[64,48]", "optim.lr=3e-4", "train.folds=[0, 2]", "model.pretrained=true"],
     )
     assert cfg.train.epochs == 3
-    assert cfg.data.image_size == (64, 48)
+    assert cfg.data.image_size == (64, 48)  # the override, not the default
     assert cfg.optim.lr == pytest.approx(3e-4)
     assert cfg.train.folds == [0, 2]
     assert cfg.model.pretrained is True
