@@ -308,11 +308,10 @@ def report(
 
     run_dir = resolve_run(_on_demand(run, runs, store), runs)
     if relabel is not None:
-        from pstage.core.tasks import Task
         from pstage.report.audit import relabel as make_overrides
 
         loaded = Run(run_dir)
-        path, count = make_overrides(loaded, relabel, Task.from_dict(loaded.info["task"]))
+        path, count = make_overrides(loaded, relabel, loaded.task)
         print(f"{count} correction(s) checked -> {path}")
         print(
             f"train with them: pstage train --config {run_dir / 'config.yaml'} --name {loaded.name}-relabel data.relabel={path}"
