@@ -7,7 +7,6 @@ Only typer and rich are imported at start-up; each command imports what it needs
 from __future__ import annotations
 
 import functools
-import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -397,8 +396,10 @@ def tune_command(
             show=show,
         )
         if store and result is not None:  # every finished trial run of the study
+            from pstage.runs.rundir import RunDir
+
             for trial in sorted(runs.glob(f"{result.study}-[0-9]*/run.json")):
-                if json.loads(trial.read_text()).get("status") == "done":
+                if RunDir(trial.parent).read_info().done:
                     _publish_after(trial.parent, store)
     except PstageError as exc:  # like @friendly, with the message escaped: it may hold [brackets]
         from rich.markup import escape

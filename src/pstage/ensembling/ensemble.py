@@ -210,8 +210,6 @@ def _aligned(table: pd.DataFrame, order: pd.Series, num_classes: int, name: str,
     return indexed.loc[order, prob_columns(num_classes)].to_numpy(dtype=np.float64)
 
 
-
-
 # --- the command --------------------------------------------------------------------------------
 
 

@@ -18,6 +18,7 @@ from rich.table import Table
 
 from pstage.core.errors import ConfigError
 from pstage.core.io import write_text
+from pstage.runs.info import parse_run_info
 from pstage.runs.rundir import RUN_FILE, RunDir, RunInfo, RunInfoError
 
 # Sort keys: column and whether bigger comes first.
@@ -96,8 +97,11 @@ def _store_rows(store: str, local_uids: set[str]) -> list[dict[str, Any]]:
 
     rows = []
     for stored in list_runs(store):
-        info = stored.info
-        if stored.uid in local_uids or not isinstance((info.get("cv") or {}).get("macro_f1"), int | float):
+        try:
+            info = parse_run_info(stored.info, Path(stored.qualified))
+        except RunInfoError:
+            continue  # not a run record: nothing to list
+        if stored.uid in local_uids or info.score is None:
             continue
         row = _row(Path(stored.qualified), info)
         row.update(name=stored.qualified, path=f"{masked(store)} {stored.qualified}")
@@ -136,7 +140,7 @@ def load_board(
                 skipped.append((str(run_dir), problem))
             else:
                 rows.append(_row(run_dir, info))
-                uids.add(run_uid(info))
+                uids.add(run_uid(info.record()))
     if store:
         rows += _store_rows(store, uids)
     frame = pd.DataFrame(rows, columns=COLUMNS)

@@ -295,9 +295,7 @@ def _run(
         raise
 
 
-def _resolve_batch(
-    cfg: Config, previous: RunInfo, source: Source, folds: pd.DataFrame, precision: str
-) -> Config:
+def _resolve_batch(cfg: Config, previous: RunInfo, source: Source, folds: pd.DataFrame, precision: str) -> Config:
     """The config the models train with: train.batch_size=auto resolved on the device (a resumed run
     keeps the batch and lr it started with, so its folds stay comparable)."""
     if cfg.train.batch_size != "auto":
