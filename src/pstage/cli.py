@@ -7,7 +7,6 @@ Only typer and rich are imported at start-up; each command imports what it needs
 from __future__ import annotations
 
 import functools
-import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -312,11 +311,10 @@ def report(
 
     run_dir = resolve_run(_on_demand(run, runs, store), runs)
     if relabel is not None:
-        from pstage.core.tasks import Task
         from pstage.report.audit import relabel as make_overrides
 
         loaded = Run(run_dir)
-        path, count = make_overrides(loaded, relabel, Task.from_dict(loaded.info["task"]))
+        path, count = make_overrides(loaded, relabel, loaded.task)
         print(f"{count} correction(s) checked -> {path}")
         print(
             f"train with them: pstage train --config {run_dir / 'config.yaml'} --name {loaded.name}-relabel data.relabel={path}"
@@ -402,8 +400,10 @@ def tune_command(
             show=show,
         )
         if store and result is not None:  # every finished trial run of the study
+            from pstage.runs.rundir import RunDir
+
             for trial in sorted(runs.glob(f"{result.study}-[0-9]*/run.json")):
-                if json.loads(trial.read_text()).get("status") == "done":
+                if RunDir(trial.parent).read_info().done:
                     _publish_after(trial.parent, store)
     except PstageError as exc:  # like @friendly, with the message escaped: it may hold [brackets]
         from rich.markup import escape

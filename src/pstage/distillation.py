@@ -27,8 +27,7 @@ import numpy as np
 
 from pstage.config import Config, load_config
 from pstage.core.errors import ConfigError, RunError
-from pstage.core.io import write_json
-from pstage.runs.rundir import RUN_FILE, RunLock, load_run_info, resolve_run
+from pstage.runs.rundir import RunDir, RunInfo
 from pstage.training.teacher import read_table
 
 
@@ -85,14 +84,13 @@ def distill(
     from pstage.deploy.export import plan_export
     from pstage.training.train import train
 
-    teacher_dir = resolve_run(teacher, runs)
-    info = load_run_info(teacher_dir)
-    teacher_name = info.get("name", teacher_dir.name)
-    if info.get("status") != "done":
-        raise RunError(f"{teacher_name}: run is {info.get('status', 'unknown')}; only a finished run can teach")
-    for needed in ("oof.csv", "folds.csv"):
-        if not (teacher_dir / needed).exists():
-            raise RunError(f"{teacher_name}: {needed} is missing; a teacher needs its OOF predictions and split")
+    teacher_run = RunDir.find(teacher, runs)
+    teacher_dir, info, teacher_name = teacher_run.path, teacher_run.info, teacher_run.name
+    if not info.done:
+        raise RunError(f"{teacher_name}: run is {info.status}; only a finished run can teach")
+    for needed in ("oof", "folds"):
+        if not teacher_run.output(needed).exists():
+            raise RunError(f"{teacher_name}: {needed}.csv is missing; a teacher needs its OOF predictions and split")
     first = plan_export(teacher_dir, runs).leaves[0].config
     base = first.to_dict()
     base["distill"] = {**base.get("distill", {}), "teacher": str(teacher_dir)}
@@ -106,14 +104,14 @@ def distill(
         cfg.distill.temperature = temperature
     if alpha is not None:
         cfg.distill.alpha = alpha
-    folds = read_table(teacher_dir / "folds.csv", "split")
-    oof = read_table(teacher_dir / "oof.csv", "OOF table")
+    folds = read_table(teacher_run.output("folds"), "split")
+    oof = read_table(teacher_run.output("oof"), "OOF table")
     uncovered = ~folds["image_id"].isin(oof["image_id"])
     if uncovered.any():
         raise RunError(
             f"{teacher_name}: its OOF covers {len(oof)} of {len(folds)} images of its split (folds trained: {sorted(oof['fold'].unique().tolist())}); train every fold of the teacher first"
         )
-    if len(info.get("classes", [])) != sum(c.startswith("p_") for c in oof.columns):
+    if len(info.classes or []) != sum(c.startswith("p_") for c in oof.columns):
         raise RunError(f"{teacher_name}: run.json classes and oof.csv columns disagree")
     name = name or f"{teacher_name}-student"
     student_dir = (Path(runs).expanduser() / name).resolve()
@@ -121,34 +119,36 @@ def distill(
         raise ConfigError(f"--name {name} is the teacher; pick a new name for the student")
     _check_classes(cfg, data, info, teacher_name)
     result = train(cfg, data=data, runs=runs, name=name)
-    teacher_cv = float(info["cv"]["macro_f1"])
+    teacher_cv = float(info.score)  # type: ignore[arg-type]  # a finished run has a CV
     student_cv = float(result.cv["macro_f1"])
     speeds = (images_per_second(teacher_dir, runs), images_per_second(result.path, runs)) if measure_speed else (0, 0)
-    with RunLock(result.path):
-        student_info = load_run_info(result.path)
-        student_info["distilled_from"] = {
-            "run": teacher_name,
-            "path": str(teacher_dir),
-            "kind": info.get("kind", "run"),
-            "cv_macro_f1": teacher_cv,
-            "temperature": cfg.distill.temperature,
-            "alpha": cfg.distill.alpha,
-            "teacher_images_per_s": round(speeds[0], 1),
-            "student_images_per_s": round(speeds[1], 1),
-        }
-        write_json(result.path / RUN_FILE, student_info)
+    student = RunDir(result.path)
+    with student.lock():
+        student.update_info(
+            distilled_from={
+                "run": teacher_name,
+                "path": str(teacher_dir),
+                "kind": info.kind,
+                "cv_macro_f1": teacher_cv,
+                "temperature": cfg.distill.temperature,
+                "alpha": cfg.distill.alpha,
+                "teacher_images_per_s": round(speeds[0], 1),
+                "student_images_per_s": round(speeds[1], 1),
+            }
+        )
     return DistillResult(
         result, teacher_name, teacher_cv, student_cv, speeds[0], speeds[1], cfg.distill.temperature, cfg.distill.alpha
     )
 
 
-def _check_classes(cfg: Config, data: str | Path | None, info: dict[str, Any], teacher: str) -> None:
+def _check_classes(cfg: Config, data: str | Path | None, info: RunInfo, teacher: str) -> None:
     """The student's data must give the teacher's classes (same task, same age thresholds)."""
     from pstage.data.sources import load_source
 
     d = cfg.data.model_copy(update={"path": str(Path(data).expanduser().resolve())}) if data else cfg.data
     classes = load_source(d).task.classes
-    if classes != info["classes"]:
+    teacher_classes = info.classes or []
+    if classes != teacher_classes:
         raise ConfigError(
-            f"the student's data gives {len(classes)} classes ({classes[0]} ...), the teacher {teacher} predicts {len(info['classes'])} ({info['classes'][0]} ...): use the teacher's data and data.* settings"
+            f"the student's data gives {len(classes)} classes ({classes[0]} ...), the teacher {teacher} predicts {len(teacher_classes)} ({teacher_classes[0] if teacher_classes else '-'} ...): use the teacher's data and data.* settings"
         )

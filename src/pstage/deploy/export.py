@@ -31,13 +31,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pstage.config import Config, load_run_config
+from pstage.config import Config
 from pstage.core.errors import ConfigError, DataError, RunError
 from pstage.core.io import now, write_json
 from pstage.core.metrics import cv_scores, prob_columns
 from pstage.core.tasks import Task
 from pstage.ensembling.methods import METHODS, ClassWeights
-from pstage.runs.rundir import RunLock, load_run_info, resolve_run
+from pstage.runs.rundir import RunDir, RunInfo, RunLock
 
 EXPORT_DIR = "export"
 MODEL_FILE = "model.onnx"
@@ -75,7 +75,7 @@ class Plan:
     """What a run exports to: a tree of runs/ensembles, its leaves, the task and the fold ids."""
 
     run_dir: Path
-    info: dict[str, Any]
+    info: RunInfo
     task: Task
     leaves: list[Leaf]
     tree: dict[str, Any]
@@ -99,64 +99,46 @@ def require(*modules: str) -> None:
         raise ConfigError(f"{', '.join(missing)} not installed: pip install 'pstage[serve]'")
 
 
-def _finished(run_dir: Path, info: dict[str, Any]) -> None:
-    if info.get("status") != "done":
+def _finished(run: RunDir) -> None:
+    if not run.info.done:
         raise RunError(
-            f"{run_dir}: run is {info.get('status', 'unknown')}; only finished runs can be exported (finish it with pstage train --name {run_dir.name})"
+            f"{run.path}: run is {run.info.status}; only finished runs can be exported (finish it with pstage train --name {run.path.name})"
         )
-
-
-def _member_dir(record: dict[str, Any], runs_dir: str | Path, ensemble: str) -> Path:
-    """A member's run folder: the recorded path, else its name under the runs folder (moved folders)."""
-    path = Path(record.get("path") or "")
-    if record.get("path") and (path / "run.json").is_file():
-        return path.resolve()
-    try:
-        return resolve_run(record["run"], runs_dir)
-    except RunError:
-        raise RunError(
-            f"{ensemble}: member {record['run']} not found at {record.get('path')} nor under {runs_dir}; pass --runs to the folder holding it"
-        ) from None
 
 
 def plan_export(run: str | Path, runs_dir: str | Path = "runs") -> Plan:
     """Resolve a run (or an ensemble, recursively) into the leaves and combiners the graph is built from."""
-    from pstage.inference.predict import fold_checkpoints
-
-    run_dir = resolve_run(run, runs_dir)
-    info = load_run_info(run_dir)
-    _finished(run_dir, info)
+    top = RunDir.find(run, runs_dir)
+    run_dir, info = top.path, top.info
+    _finished(top)
     leaves: list[Leaf] = []
 
-    def walk(path: Path, info: dict[str, Any]) -> dict[str, Any]:
-        _finished(path, info)
-        name = info.get("name", path.name)
-        if info.get("kind") == "ensemble":
-            spec = info["ensemble"]
-            stacker = spec.get("stacker")
+    def walk(run: RunDir) -> dict[str, Any]:
+        _finished(run)
+        name = run.name
+        spec = run.info.ensemble
+        if run.info.kind == "ensemble" and spec is not None:
             members = []
-            for record in spec["members"]:
-                if stacker is None and float(record["weight"]) <= 0:
+            for record in spec.members:
+                if spec.stacker is None and record.weight <= 0:
                     continue  # hill climbing may give a run weight 0: it costs nothing served
-                member = _member_dir(record, runs_dir, name)
-                members.append({"weight": float(record["weight"]), **walk(member, load_run_info(member))})
-            calibration = spec.get("calibration")
+                members.append({"weight": record.weight, **walk(run.member(record, runs_dir))})
+            calibration = spec.calibration
             return {
                 "kind": "ensemble",
                 "name": name,
-                "method": spec["method"],
+                "method": spec.method,
                 "members": members,
-                "stacker": stacker,
+                "stacker": spec.stacker,
                 "class_weights": calibration["class_weights"] if calibration else None,
             }
-        checkpoints = fold_checkpoints(path)
+        checkpoints = run.checkpoints("best.ckpt")
         if not checkpoints:
             raise RunError(f"{name}: no finished fold model (fold_*/best.ckpt) to export")
-        folds = [int(p.parent.name.split("_")[1]) for p in checkpoints]
-        leaves.append(Leaf(name, path, load_run_config(path / "config.yaml"), checkpoints, folds))
+        leaves.append(Leaf(name, run.path, run.load_config(), list(checkpoints.values()), list(checkpoints)))
         return {"kind": "run", "name": name, "leaf": len(leaves) - 1}
 
-    tree = walk(run_dir, info)
+    tree = walk(top)
     first = leaves[0]
     for leaf in leaves[1:]:
         if leaf.preprocess != first.preprocess:
@@ -169,7 +151,7 @@ def plan_export(run: str | Path, runs_dir: str | Path = "runs") -> Plan:
             raise RunError(
                 f"{run_dir.name}: members have different finished folds ({first.name} {first.folds}, {leaf.name} {leaf.folds}); finish their folds first"
             )
-    return Plan(run_dir, info, Task.from_dict(info["task"]), leaves, tree, first.folds)
+    return Plan(run_dir, info, info.as_task(), leaves, tree, first.folds)
 
 
 def build_model(plan: Plan) -> Any:
@@ -444,7 +426,7 @@ def export(
             )
         scores: dict[str, float] = {}
         if oof is not None:
-            scores["run_cv"] = float(plan.info["cv"]["macro_f1"])
+            scores["run_cv"] = float(plan.info.score)  # type: ignore[arg-type]  # a finished run has a CV
             scores["onnx_fp32"] = oof_score(
                 fold_predictions(lambda x: session.run(["fold_probs"], {"images": x})[0], oof, plan.folds),
                 oof,
@@ -475,7 +457,7 @@ def export(
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return ExportResult(
-        plan.info.get("name", plan.run_dir.name),
+        plan.info.name or plan.run_dir.name,
         target / MODEL_FILE,
         target / PREPROCESS_FILE,
         target / INT8_FILE if int8 else None,
@@ -506,9 +488,9 @@ def _preprocess_spec(
     """Everything a client (or ``pstage serve``) needs to feed the graph the pixels training saw."""
     p = plan.preprocess
     return {
-        "run": plan.info.get("name", plan.run_dir.name),
+        "run": plan.info.name or plan.run_dir.name,
         "run_path": str(plan.run_dir),
-        "kind": plan.info.get("kind", "run"),
+        "kind": plan.info.kind,
         "created": now(),
         "files": {"fp32": MODEL_FILE, **({"int8": INT8_FILE} if has_int8 else {})},
         "sha256": {MODEL_FILE: _sha256(fp32)},
@@ -540,7 +522,7 @@ def _preprocess_spec(
         "members": [
             {"run": leaf.name, "path": str(leaf.path), "model": leaf.config.model.name} for leaf in plan.leaves
         ],
-        "cv_macro_f1": plan.info.get("cv", {}).get("macro_f1"),
+        "cv_macro_f1": plan.info.score,
         "oof_macro_f1": scores,
         "parity_max_abs_diff": diff,
         "opset": OPSET,

@@ -43,7 +43,7 @@ from starlette.concurrency import run_in_threadpool
 
 from pstage.core.errors import ConfigError, RunError
 from pstage.deploy.export import EXPORT_DIR, INT8_FILE, MODEL_FILE, read_preprocess
-from pstage.runs.rundir import load_run_info, resolve_run
+from pstage.runs.rundir import RunDir, RunInfo
 
 BACKENDS = ("auto", "onnx", "int8", "pytorch")
 OPEN_PATHS = ("/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
@@ -71,7 +71,7 @@ class Served:
 
     run: str
     run_dir: Path
-    info: dict[str, Any]
+    info: RunInfo
     backend: str
     file: Path | None
     predict: Callable[[np.ndarray], np.ndarray]  # uint8 (N, H, W, 3) -> (N, C) probabilities
@@ -86,10 +86,9 @@ def load_served(run: str | Path, runs: str | Path = "runs", backend: str = "auto
     """The run's exported ONNX graph if there is one (``auto``), or the one asked for."""
     if backend not in BACKENDS:
         raise ConfigError(f"--backend {backend}: expected one of {', '.join(BACKENDS)}")
-    run_dir = resolve_run(run, runs)
-    info = load_run_info(run_dir)
+    found = RunDir.find(run, runs)
+    run_dir, info, name = found.path, found.info, found.name
     export_dir = run_dir / EXPORT_DIR
-    name = info.get("name", run_dir.name)
     if backend == "auto":
         backend = "onnx" if (export_dir / MODEL_FILE).exists() else "pytorch"
     if backend in ("onnx", "int8"):
@@ -451,10 +450,10 @@ def create_app(
         """What is served: run, backend, preprocessing, classes and heads, request limits."""
         return ModelInfo(
             run=served.run,
-            kind=served.info.get("kind", "run"),
+            kind=served.info.kind,
             backend=served.backend,
             file=str(served.file) if served.file else None,
-            cv_macro_f1=(served.info.get("cv") or {}).get("macro_f1"),
+            cv_macro_f1=served.info.score,
             preprocess=served.preprocess,
             classes=served.classes,
             heads=served.heads,

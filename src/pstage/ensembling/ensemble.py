@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from pstage.core.errors import ConfigError, RunError
-from pstage.core.io import now, write_csv, write_json
+from pstage.core.io import now, write_csv
 from pstage.core.metrics import cv_scores, fold_macro_f1, prob_columns
 from pstage.core.tasks import Task
 from pstage.ensembling.methods import (
@@ -36,7 +36,7 @@ from pstage.ensembling.methods import (
     hill_climb,  # noqa: F401
     nested_predict,
 )
-from pstage.runs.rundir import RUN_FILE, RunLock, load_run_info, provenance, resolve_run, submission_frame
+from pstage.runs.rundir import RunDir, RunInfo, provenance, resolve_run, submission_frame
 
 
 @dataclass
@@ -45,13 +45,13 @@ class Member:
 
     name: str
     path: Path
-    info: dict[str, Any]
+    info: RunInfo
     oof: np.ndarray
     test: np.ndarray | None
 
     @property
     def cv(self) -> float:
-        return float(self.info["cv"]["macro_f1"])
+        return float(self.info.score)  # type: ignore[arg-type]  # only finished runs (with a CV) are members
 
 
 @dataclass
@@ -119,13 +119,13 @@ def check_same_split(first: str, a: pd.DataFrame, other: str, b: pd.DataFrame) -
     )
 
 
-def _member_name(path: Path, info: dict[str, Any], runs_dir: str | Path) -> str:
+def _member_name(path: Path, info: RunInfo, runs_dir: str | Path) -> str:
     """The run's name, qualified as user/name for a teammate's run pulled into runs/<user>/<name>."""
     try:
         relative = path.relative_to(Path(runs_dir).expanduser().resolve()).as_posix()
     except ValueError:
         relative = ""
-    return relative if relative.count("/") == 1 else info.get("name", path.name)
+    return relative if relative.count("/") == 1 else info.name or path.name
 
 
 def load_members(runs: Sequence[str | Path], runs_dir: str | Path = "runs", tta: bool = False) -> Members:
@@ -140,30 +140,31 @@ def load_members(runs: Sequence[str | Path], runs_dir: str | Path = "runs", tta:
     members: list[Member] = []
     first: dict[str, Any] = {}
     for path in paths:
-        info = load_run_info(path)
+        run = RunDir(path)
+        info = run.info
         name = _member_name(path, info, runs_dir)
-        if info.get("status") != "done":
-            raise RunError(f"{name}: run is {info.get('status', 'unknown')}; only finished runs can be ensembled")
-        oof_path, test_path = path / f"oof{suffix}.csv", path / f"test{suffix}.csv"
+        if not info.done:
+            raise RunError(f"{name}: run is {info.status}; only finished runs can be ensembled")
+        oof_path, test_path = run.output(f"oof{suffix}"), run.output(f"test{suffix}")
         if not oof_path.exists():
             hint = f"run pstage predict {name} --tta first" if tta else "re-run its training to write it"
             raise RunError(f"{name}: {oof_path.name} is missing; {hint}")
-        folds_csv = _read(path / "folds.csv", "split")
+        folds_csv = _read(run.output("folds"), "split")
         oof = _read(oof_path, "OOF table")
         if not members:
             first = {
                 "name": name,
-                "classes": info["classes"],
+                "classes": info.classes,
                 "folds": folds_csv,
                 "oof": oof[["image_id", "fold", "target"]],
                 "test": _read(test_path, "test table")[["image_id"]] if test_path.exists() else None,
-                "format": _submission_format(path),
+                "format": run.submission_format,
             }
         else:
-            if info["classes"] != first["classes"]:
+            if info.classes != first["classes"]:
                 mismatch = next(
-                    (f"'{a}' vs '{b}'" for a, b in zip(first["classes"], info["classes"], strict=False) if a != b),
-                    f"{len(first['classes'])} vs {len(info['classes'])} classes",
+                    (f"'{a}' vs '{b}'" for a, b in zip(first["classes"], info.classes or [], strict=False) if a != b),
+                    f"{len(first['classes'])} vs {len(info.classes or [])} classes",
                 )
                 raise RunError(
                     f"{first['name']} and {name} predict different classes ({mismatch}); they cannot be blended"
@@ -184,7 +185,7 @@ def load_members(runs: Sequence[str | Path], runs_dir: str | Path = "runs", tta:
     if any(m.test is None for m in members):
         for m in members:
             m.test = None
-    task = Task.from_dict(members[0].info["task"])
+    task = members[0].info.as_task()
     return Members(
         members,
         task,
@@ -207,13 +208,6 @@ def _aligned(table: pd.DataFrame, order: pd.Series, num_classes: int, name: str,
             "were they trained on the same folds (train.folds) and data?"
         )
     return indexed.loc[order, prob_columns(num_classes)].to_numpy(dtype=np.float64)
-
-
-def _submission_format(run_dir: Path) -> str:
-    path = run_dir / "submission.csv"
-    if path.exists() and path.read_text().split("\n", 1)[0].strip() == "ImageID,ans":
-        return "competition"
-    return "generic"
 
 
 # --- the command --------------------------------------------------------------------------------
@@ -244,7 +238,7 @@ def ensemble(
     members = load_members(runs, runs_dir, tta=tta)
     if any(m.path == run_dir for m in members.runs):
         raise ConfigError(f"--name {name} is one of the members; pick a new name for the ensemble")
-    if (run_dir / RUN_FILE).exists() and load_run_info(run_dir).get("kind") != "ensemble":
+    if RunDir(run_dir).has_info() and RunDir(run_dir).info.kind != "ensemble":
         raise RunError(f"{run_dir} holds a training run; pick another --name for the ensemble")
 
     targets, folds, probs = members.targets, members.folds, [m.oof for m in members.runs]
@@ -307,8 +301,9 @@ def _write_run(
 ) -> None:
     """The ensemble as a run directory; run.json last, so a crash never leaves a 'done' half-run."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    with RunLock(run_dir):
-        (run_dir / RUN_FILE).unlink(missing_ok=True)
+    run = RunDir(run_dir)
+    with run.lock():
+        run.info_file.unlink(missing_ok=True)
         for stale in ("test.csv", "submission.csv"):
             (run_dir / stale).unlink(missing_ok=True)
         write_csv(run_dir / "folds.csv", members.folds_csv)
@@ -342,6 +337,7 @@ def _write_run(
             "epochs": None,
             "task": members.task.to_dict(),
             "classes": members.task.classes,
+            "submission_format": members.test_format,
             "cv": result.cv,
             "ensemble": {
                 "method": result.method,
@@ -354,4 +350,4 @@ def _write_run(
             },
             "duration_s": round(time.time() - started, 2),
         }
-        write_json(run_dir / RUN_FILE, info)
+        run.write_info(info)

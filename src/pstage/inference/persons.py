@@ -35,7 +35,7 @@ from pstage.core.tasks import Task
 from pstage.data.datasets import CachedImages, make_loader
 from pstage.models.checkpoint import load_fold_module
 from pstage.models.module import ClassifierModule
-from pstage.runs.rundir import submission_frame
+from pstage.runs.rundir import fold_id, submission_frame
 
 # Candidate cosine-distance cuts searched on OOF (average linkage: the mean distance between two groups).
 THRESHOLDS = tuple(round(t, 3) for t in np.arange(0.02, 0.62, 0.02))
@@ -265,7 +265,7 @@ def group_run(
         (run_dir / stale).unlink(missing_ok=True)
     if not resolve_group(config.persons.group, task):
         return None
-    by_fold = {int(c.parent.name.split("_")[1]): c for c in checkpoints}
+    by_fold = {fold_id(c): c for c in checkpoints}
     oof = pd.read_csv(run_dir / "oof.csv", dtype={"image_id": str})
     table = train.set_index("image_id")
     precision = resolve_precision(config.train.precision, config.train.accelerator)
@@ -321,7 +321,12 @@ def _summary(cv: dict[str, Any]) -> dict[str, Any]:
 
 
 def group_test(
-    info: dict[str, Any], checkpoints: Sequence[Path], cache: str | Path, config: Config, probs: np.ndarray, task: Task
+    info: RunInfo | dict[str, Any],
+    checkpoints: Sequence[Path],
+    cache: str | Path,
+    config: Config,
+    probs: np.ndarray,
+    task: Task,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """``pstage predict``: test probabilities grouped as training decided (run.json ``persons``), and the groups."""
     decided = info.get("persons") or {}

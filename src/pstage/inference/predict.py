@@ -16,10 +16,10 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from pstage.config import Config, TTAConfig, batch_of, load_run_config
+from pstage.config import Config, TTAConfig, batch_of
 from pstage.core.devices import autocast_dtype, inference_device, resolve_precision
 from pstage.core.errors import DataError, RunError
-from pstage.core.io import now, write_csv, write_json
+from pstage.core.io import now, write_csv
 from pstage.core.metrics import cv_scores, prob_columns
 from pstage.core.tasks import Task
 from pstage.data.cache import CacheInfo, build_cache
@@ -29,7 +29,7 @@ from pstage.data.sources import Source, detect_kind, image_table, load_source
 from pstage.inference.persons import group_test
 from pstage.models.checkpoint import load_fold_module
 from pstage.models.module import ClassifierModule
-from pstage.runs.rundir import RUN_FILE, RunLock, load_run_info, resolve_run, submission_frame
+from pstage.runs.rundir import FINAL_DIR, RunDir, fold_id, submission_frame
 
 
 def zoom(images: torch.Tensor, scale: float) -> torch.Tensor:
@@ -92,8 +92,7 @@ def predict_probs(
 
 def fold_checkpoints(run_dir: Path) -> list[Path]:
     """best.ckpt of every finished fold of a run."""
-    found = sorted(run_dir.glob("fold_*/best.ckpt"), key=lambda p: int(p.parent.name.split("_")[1]))
-    return [p for p in found if (p.parent / "metrics.json").exists()]
+    return list(RunDir(run_dir).checkpoints("best.ckpt").values())
 
 
 def ensemble_probs(
@@ -119,8 +118,8 @@ def ensemble_probs(
 
 def with_final_fit(run_dir: Path, config: Config, probs: np.ndarray, cache: CacheInfo, tta: bool) -> np.ndarray:
     """The fold models' mean combined with the run's final-fit model (``train.final_fit``), as training did."""
-    final = run_dir / "final" / "model.ckpt"
-    if config.train.final_fit == "off" or not (final.parent / "metrics.json").exists():
+    final = run_dir / FINAL_DIR / "model.ckpt"
+    if config.train.final_fit == "off" or not RunDir(run_dir).final_done():
         return probs
     from pstage.inference.predict import blend_final
 
@@ -167,20 +166,20 @@ def predict(
     ``tta`` on the run's own data the OOF predictions are recomputed with TTA too, so its gain is
     measured: both CVs are returned and recorded in run.json (``tta``).
     """
-    run_dir = resolve_run(run, runs)
-    info = load_run_info(run_dir)
-    if info.get("kind") == "ensemble":
+    rd = RunDir.find(run, runs)
+    run_dir, info = rd.path, rd.info
+    if info.kind == "ensemble":
         raise RunError(
             f"{run_dir.name} is an ensemble: its submission.csv comes from its members' predictions; "
             "for TTA run pstage predict MEMBER --tta for each member, then pstage ensemble ... --tta"
         )
     checkpoints = fold_checkpoints(run_dir)
-    if info.get("status") != "done" or not checkpoints:
+    if not info.done or not checkpoints:
         raise RunError(
-            f"{run_dir}: run is {info.get('status', 'unknown')} with {len(checkpoints)} finished fold model(s); finish it with pstage train --name {run_dir.name} first"
+            f"{run_dir}: run is {info.status} with {len(checkpoints)} finished fold model(s); finish it with pstage train --name {run_dir.name} first"
         )
-    config = load_run_config(run_dir / "config.yaml")
-    task = Task.from_dict(info["task"])
+    config = rd.load_config()
+    task = info.as_task()
     data_path = Path(data).expanduser().resolve() if data else (Path(config.data.path) if config.data.path else None)
     if data_path is None or not data_path.exists():
         raise DataError(
@@ -233,7 +232,8 @@ def _predict_with_tta(
     Writes oof_tta.csv, test_tta.csv and submission_tta.csv, and records the CVs in run.json.
     """
     source, train_cache, test_cache = prepare_caches(source, config, verbose=False)
-    oof = pd.read_csv(run_dir / "oof.csv", dtype={"image_id": str})
+    rd = RunDir(run_dir)
+    oof = pd.read_csv(rd.output("oof"), dtype={"image_id": str})
     cache_rows = source.train.set_index("image_id")["cache_row"]
     missing = ~oof["image_id"].isin(cache_rows.index)
     if missing.any():
@@ -246,7 +246,7 @@ def _predict_with_tta(
     precision = resolve_precision(config.train.precision, config.train.accelerator)
     device = inference_device(config.train.accelerator)
     for checkpoint in checkpoints:
-        fold = int(checkpoint.parent.name.split("_")[1])
+        fold = fold_id(checkpoint)
         rows = (oof["fold"] == fold).to_numpy()
         oof_tta.loc[rows, cols] = predict_probs(
             load_fold_module(checkpoint),
@@ -258,7 +258,7 @@ def _predict_with_tta(
             tta=config.tta,
         )
     probs = with_final_fit(run_dir, config, ensemble_probs(checkpoints, test_cache, config, tta=True), test_cache, True)
-    probs, _ = group_test(load_run_info(run_dir), checkpoints, test_cache.path, config, probs, task)
+    probs, _ = group_test(RunDir(run_dir).read_info(), checkpoints, test_cache.path, config, probs, task)
     test = pd.concat(
         [pd.DataFrame({"image_id": source.test["image_id"].to_numpy()}), pd.DataFrame(probs, columns=cols)], axis=1
     )
@@ -266,18 +266,18 @@ def _predict_with_tta(
     before, after = cv_scores(oof, task), cv_scores(oof_tta, task)
     target = Path(out) if out else run_dir / "submission_tta.csv"
     target.parent.mkdir(parents=True, exist_ok=True)
-    with RunLock(run_dir):
-        write_csv(run_dir / "oof_tta.csv", oof_tta, float_format="%.6g")
-        write_csv(run_dir / "test_tta.csv", test, float_format="%.6g")
+    with rd.lock():
+        write_csv(rd.output("oof_tta"), oof_tta, float_format="%.6g")
+        write_csv(rd.output("test_tta"), test, float_format="%.6g")
         write_csv(target, frame)
-        info = load_run_info(run_dir)
-        info["tta"] = {
-            "config": config.tta.model_dump(mode="json"),
-            "views": describe_tta(config.tta),
-            "cv": after,
-            "created": now(),
-        }
-        write_json(run_dir / RUN_FILE, info)
+        rd.update_info(
+            tta={
+                "config": config.tta.model_dump(mode="json"),
+                "views": describe_tta(config.tta),
+                "cv": after,
+                "created": now(),
+            }
+        )
     skipped = [s for s in source.skipped if "blank image" in s]
     return Prediction(
         target, frame, "submission", skipped, before["macro_f1"], after["macro_f1"], describe_tta(config.tta)

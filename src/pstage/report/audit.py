@@ -220,12 +220,11 @@ def _html(
 
 def relabel(run: Run, corrections: str | Path, task: Task) -> tuple[Path, int]:
     """Check a corrections CSV against the run's data and write ``<run>/audit/relabel.csv`` for data.relabel."""
-    from pstage.config import load_run_config
     from pstage.data.sources import load_source
 
     path = Path(corrections)
     frame = read_relabel(path)
-    config = load_run_config(run.path / "config.yaml")
+    config = run.load_config()
     source = load_source(config.data.model_copy(update={"relabel": None}))
     check_relabel(frame, source.train, path, source.kind)
     target = run.path / "audit" / "relabel.csv"

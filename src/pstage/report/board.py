@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime as dt
 import html
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +18,8 @@ from rich.table import Table
 
 from pstage.core.errors import ConfigError
 from pstage.core.io import write_text
-from pstage.runs.rundir import RUN_FILE
+from pstage.runs.info import parse_run_info
+from pstage.runs.rundir import RUN_FILE, RunDir, RunInfo, RunInfoError
 
 # Sort keys: column and whether bigger comes first.
 SORTS = {
@@ -50,49 +50,43 @@ class Board:
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
 
-def _row(run_dir: Path, info: dict[str, Any]) -> dict[str, Any]:
-    cv = info["cv"]
-    per = cv.get("per_task") or {}
-    size = info.get("image_size")
-    tta = (info.get("tta") or {}).get("cv") or {}
+def _row(run_dir: Path, info: RunInfo) -> dict[str, Any]:
+    cv = info.cv
+    assert cv is not None and cv.macro_f1 is not None  # _problem let only scored runs through
+    per = cv.per_task
+    size = info.image_size
+    tta = info.tta.cv if info.tta is not None and info.tta.cv is not None else None
     return {
-        "name": info.get("name", run_dir.name),
-        "kind": info.get("kind", "train"),
-        "user": info.get("user", "?"),
-        "host": info.get("host", "?"),
-        "model": info.get("model", "?"),
+        "name": info.name or run_dir.name,
+        "kind": "train" if info.kind == "run" else info.kind,  # the board's word for a training run
+        "user": info.user or "?",
+        "host": info.host or "?",
+        "model": info.model or "?",
         "size": "x".join(map(str, size)) if size else "-",
-        "epochs": info.get("epochs"),
-        "cv": float(cv["macro_f1"]),
-        "cv_std": float(cv.get("macro_f1_std", float("nan"))),
+        "epochs": info.epochs,
+        "cv": float(cv.macro_f1),
+        "cv_std": float("nan") if cv.macro_f1_std is None else float(cv.macro_f1_std),
         "mask": per.get("mask"),
         "gender": per.get("gender"),
         "age": per.get("age"),
-        "cv_tta": tta.get("macro_f1"),
-        "created": info.get("created", ""),
-        "duration_s": float(info.get("duration_s") or 0.0),
+        "cv_tta": tta.macro_f1 if tta is not None else None,
+        "created": info.created or "",
+        "duration_s": float(info.duration_s or 0.0),
         "path": str(run_dir),
     }
 
 
-def _problem(run_dir: Path) -> tuple[dict[str, Any] | None, str | None]:
+def _problem(run_dir: Path) -> tuple[RunInfo | None, str | None]:
     """(info, None) for a finished run, else (None, why it is not on the board)."""
     try:
-        info = json.loads((run_dir / RUN_FILE).read_text())
-    except (OSError, UnicodeDecodeError) as exc:
-        return None, f"{RUN_FILE} unreadable ({exc.__class__.__name__})"
-    except json.JSONDecodeError as exc:
-        return None, f"{RUN_FILE} is not valid JSON (line {exc.lineno}); a crashed copy?"
-    if not isinstance(info, dict):
-        return None, f"{RUN_FILE} is not a run record"
-    status = info.get("status", "unknown")
-    if status != "done":
-        error = info.get("error")
-        return None, f"status {status}" + (f": {error}" if error else "")
-    cv = info.get("cv")
-    if not isinstance(cv, dict) or not isinstance(cv.get("macro_f1"), int | float):
+        info = RunDir(run_dir).read_info()
+    except RunInfoError as exc:
+        return None, exc.reason
+    if not info.done:
+        return None, f"status {info.status}" + (f": {info.error}" if info.error else "")
+    if info.score is None:
         return None, f"{RUN_FILE} has no CV score"
-    if not (run_dir / "oof.csv").exists():
+    if not RunDir(run_dir).output("oof").exists():
         return None, "oof.csv is missing"
     return info, None
 
@@ -103,8 +97,11 @@ def _store_rows(store: str, local_uids: set[str]) -> list[dict[str, Any]]:
 
     rows = []
     for stored in list_runs(store):
-        info = stored.info
-        if stored.uid in local_uids or not isinstance((info.get("cv") or {}).get("macro_f1"), int | float):
+        try:
+            info = parse_run_info(stored.info, Path(stored.qualified))
+        except RunInfoError:
+            continue  # not a run record: nothing to list
+        if stored.uid in local_uids or info.score is None:
             continue
         row = _row(Path(stored.qualified), info)
         row.update(name=stored.qualified, path=f"{masked(store)} {stored.qualified}")
@@ -134,7 +131,7 @@ def load_board(
         if not folder.is_dir():
             raise ConfigError(f"--runs {folder}: no such folder; pass a folder of runs (default ./runs)")
         for run_dir in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            if not (run_dir / RUN_FILE).exists():
+            if not RunDir(run_dir).has_info():
                 if any(run_dir.glob("fold_*")) or (run_dir / "config.yaml").exists():
                     skipped.append((str(run_dir), f"no {RUN_FILE} (started but never recorded)"))
                 continue  # not a run at all (e.g. mlartifacts, a tune folder)
@@ -143,7 +140,7 @@ def load_board(
                 skipped.append((str(run_dir), problem))
             else:
                 rows.append(_row(run_dir, info))
-                uids.add(run_uid(info))
+                uids.add(run_uid(info.record()))
     if store:
         rows += _store_rows(store, uids)
     frame = pd.DataFrame(rows, columns=COLUMNS)

@@ -7,7 +7,6 @@ from typing import Any
 
 import pandas as pd
 
-from pstage.config import load_run_config
 from pstage.core.errors import RunError
 from pstage.data.prepare import prepare_caches
 from pstage.data.sources import load_source
@@ -16,9 +15,9 @@ from pstage.runs.rundir import Run
 
 def training_images(run: Run) -> tuple[Any, pd.Series]:
     """The run's training images as the model saw them: (cache memmap, image_id -> cache row)."""
-    if run.info.get("kind") == "ensemble":  # members share the data and split: read the images via the first
-        return training_images(Run(Path(run.info["ensemble"]["members"][0]["path"])))
-    config = load_run_config(run.path / "config.yaml")
+    if run.info.kind == "ensemble":  # members share the data and split: read the images via the first
+        return training_images(Run(run.leaves(run.path.parent)[0].path))
+    config = run.load_config()
     if not config.data.path or not Path(config.data.path).exists():
         raise RunError(f"{run.name}: its data {config.data.path} is not here; the report needs the training images")
     source = load_source(config.data)

@@ -8,7 +8,6 @@ looked. With ``audit`` it adds the label-issue audit (see ``pstage.report.audit`
 from __future__ import annotations
 
 import html
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,15 +68,19 @@ def _matrix_figure(matrix: np.ndarray, names: list[str], title: str) -> str:
     return figure(fig, title)
 
 
+def _nan(value: float | None) -> float:
+    return float("nan") if value is None else value
+
+
 def _curves(run: Run) -> str:
-    folds = sorted(run.path.glob("fold_*/metrics.json"), key=lambda p: int(p.parent.name.split("_")[1]))
+    folds = run.folds()
     if not folds:
         return "<p>No per-fold history (an ensemble: see its members' reports).</p>"
     fig, (loss_ax, f1_ax) = new_figure(11, 3.2, ncols=2)
-    for path in folds:
-        history = json.loads(path.read_text()).get("history") or []
+    for k in folds:
+        history = run.fold_metrics(k).get("history") or []
         epochs = [h["epoch"] + 1 for h in history]
-        fold = path.parent.name.replace("_", " ")
+        fold = f"fold {k}"
         line = loss_ax.plot(epochs, [h["train_loss"] for h in history], label=f"{fold} train")[0]
         loss_ax.plot(epochs, [h["val_loss"] for h in history], "--", color=line.get_color(), label=f"{fold} val")
         f1_ax.plot(epochs, [h["val_macro_f1"] for h in history], color=line.get_color(), label=fold)
@@ -161,7 +164,7 @@ def _mistakes(
     for fold, group in wrong.groupby("fold", sort=False):
         pixels = np.stack([images[rows[i]] for i in group["image_id"]])
         heat = None
-        checkpoint = run.path / f"fold_{fold}" / "best.ckpt"
+        checkpoint = run.fold_dir(fold) / "best.ckpt"
         if with_cam and checkpoint.exists():
             from pstage.models.checkpoint import load_fold_module
 
@@ -188,12 +191,12 @@ def report(
 
     started = time.time()
     loaded = Run(resolve_run(run, runs))
-    if loaded.status != "done":
+    if not loaded.info.done:
         raise RunError(f"{loaded.name}: run is {loaded.status}; finish it before reporting on it")
     oof = loaded.table("oof")
     if oof is None:
         raise RunError(f"{loaded.path}/oof.csv is missing; re-run its training to write it")
-    task = Task.from_dict(loaded.info["task"])
+    task = loaded.info.as_task()
     probs = oof[prob_columns(task.num_classes)].to_numpy()
     targets, preds = oof["target"].to_numpy(), probs.argmax(1)
     cv = loaded.cv
@@ -207,10 +210,10 @@ def report(
         ["", "value"],
         [
             ["run", loaded.name],
-            ["model", loaded.info.get("model", "?")],
-            ["CV macro F1 (mean ± std over folds)", f"{cv['macro_f1']:.4f} ± {cv.get('macro_f1_std', 0):.4f}"],
-            ["pooled OOF macro F1", f"{cv.get('oof_macro_f1', float('nan')):.4f}"],
-            *[[f"{head} macro F1", f"{v:.4f}"] for head, v in (cv.get("per_task") or {}).items()],
+            ["model", loaded.info.model or "?"],
+            ["CV macro F1 (mean ± std over folds)", f"{cv.macro_f1:.4f} ± {cv.macro_f1_std or 0:.4f}"],
+            ["pooled OOF macro F1", f"{_nan(cv.oof_macro_f1):.4f}"],
+            *[[f"{head} macro F1", f"{v:.4f}"] for head, v in cv.per_task.items()],
             ["OOF images", f"{len(oof):,}"],
         ],
     )
@@ -218,13 +221,13 @@ def report(
         ["fold", "macro F1", "images", "best epoch", "seconds"],
         [
             [
-                f["fold"],
-                f["macro_f1"],
-                f["images"],
-                "-" if f.get("best_epoch") is None else f["best_epoch"] + 1,
-                f"{f.get('duration_s') or 0:.0f}",
+                f.fold,
+                f.macro_f1,
+                f.images,
+                "-" if f.best_epoch is None else f.best_epoch + 1,
+                f"{f.duration_s or 0:.0f}",
             ]
-            for f in cv.get("folds", [])
+            for f in cv.folds
         ],
     )
     matrices = [
@@ -241,7 +244,7 @@ def report(
         [f"{i} {r['class']}", r["precision"], r["recall"], r["f1"], int(r["support"])] for i, r in per_class.iterrows()
     ]
     pictures = pictures_of(loaded)  # once, for the mistakes grid and the audit's
-    mistakes_html, mistakes = _mistakes(loaded, oof, task, loaded.info.get("kind") != "ensemble", pictures)
+    mistakes_html, mistakes = _mistakes(loaded, oof, task, loaded.info.kind != "ensemble", pictures)
     sections = [
         ("summary", "Summary", summary),
         ("folds", "CV per fold", folds),

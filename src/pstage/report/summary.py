@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING
 from rich.table import Table
 
 from pstage.core.console import console
-from pstage.runs.rundir import load_run_info
+from pstage.runs.info import CVScores
+from pstage.runs.rundir import RunDir
 
 if TYPE_CHECKING:
     from pstage.ensembling.ensemble import EnsembleResult
@@ -17,11 +18,11 @@ if TYPE_CHECKING:
 def print_run(run_dir: str | Path) -> None:
     """CV macro F1 (mean ± std over folds, pooled OOF), per-fold and per-task scores, output files."""
     run_dir = Path(run_dir)
-    info = load_run_info(run_dir)
-    cv = info.get("cv") or {}
+    info = RunDir(run_dir).read_info()
+    cv = info.cv or CVScores()
     console.print(
-        f"[bold]{info['name']}[/]: CV macro F1 {cv.get('macro_f1', float('nan')):.4f} ± {cv.get('macro_f1_std', float('nan')):.4f}"
-        f" (mean ± std over folds; pooled OOF {cv.get('oof_macro_f1', float('nan')):.4f})"
+        f"[bold]{info.name}[/]: CV macro F1 {_nan(cv.macro_f1):.4f} ± {_nan(cv.macro_f1_std):.4f}"
+        f" (mean ± std over folds; pooled OOF {_nan(cv.oof_macro_f1):.4f})"
     )
     table = Table()
     table.add_column("fold", justify="right")
@@ -29,27 +30,27 @@ def print_run(run_dir: str | Path) -> None:
     table.add_column("images", justify="right")
     table.add_column("best epoch", justify="right")
     table.add_column("time", justify="right")
-    for fold in cv.get("folds", []):
-        best = fold.get("best_epoch")
+    for fold in cv.folds:
+        best = fold.best_epoch
         table.add_row(
-            str(fold["fold"]),
-            f"{fold['macro_f1']:.4f}",
-            f"{fold['images']:,}",
+            str(fold.fold),
+            f"{fold.macro_f1:.4f}",
+            f"{fold.images:,}",
             "-" if best is None else str(best + 1),
-            f"{fold.get('duration_s') or 0:.0f}s",
+            f"{fold.duration_s or 0:.0f}s",
         )
-    table.add_row(
-        "OOF", f"{cv.get('oof_macro_f1', float('nan')):.4f}", "", "", f"{info.get('duration_s', 0):.0f}s", style="bold"
-    )
+    table.add_row("OOF", f"{_nan(cv.oof_macro_f1):.4f}", "", "", f"{info.duration_s or 0:.0f}s", style="bold")
     console.print(table)
-    if cv.get("per_task"):
-        console.print(
-            "per task macro F1: " + ", ".join(f"{head} {score:.4f}" for head, score in cv["per_task"].items())
-        )
+    if cv.per_task:
+        console.print("per task macro F1: " + ", ".join(f"{head} {score:.4f}" for head, score in cv.per_task.items()))
     for skipped in info.get("skipped", [])[:5]:
         console.print(f"[yellow]skipped:[/] {skipped}")
     files = [f for f in ("submission.csv", "oof.csv", "test.csv", "run.json") if (run_dir / f).exists()]
     console.print(f"files: {run_dir}/{{{','.join(files)}}}  (TensorBoard: tensorboard --logdir {run_dir / 'logs'})")
+
+
+def _nan(value: float | None) -> float:
+    return float("nan") if value is None else value
 
 
 def print_ensemble(result: EnsembleResult) -> None:

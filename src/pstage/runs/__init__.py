@@ -1,1 +1,1 @@
-"""The run directory: the contract every stage meets at."""
+"""The run directory: the contract every stage meets at (``RunInfo`` for run.json, ``RunDir`` for the folder)."""

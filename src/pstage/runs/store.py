@@ -37,7 +37,7 @@ from typing import Any
 
 from pstage.core.errors import PstageError, RunError
 from pstage.core.io import read_json, write_json
-from pstage.runs.rundir import RUN_FILE, load_run_info, resolve_run
+from pstage.runs.rundir import RUN_FILE, RunDir, resolve_run
 
 STORE_ENV = "PSTAGE_STORE"
 MANIFEST = "pstage-manifest.json"
@@ -339,11 +339,10 @@ def publish(
     """Publish a finished run directory to the store (idempotent; marked published only when complete)."""
     uri = store_uri(uri) or ""
     run_dir = resolve_run(run, runs_dir)
-    info = load_run_info(run_dir)
-    if info.get("status") != "done":
-        raise RunError(
-            f"{run_dir}: run is {info.get('status', 'unknown')}; only finished runs are published (finish it first)"
-        )
+    typed = RunDir(run_dir).read_info()
+    if not typed.done:
+        raise RunError(f"{run_dir}: run is {typed.status}; only finished runs are published (finish it first)")
+    info = typed.record()  # the record as written: it becomes the store's params, metrics and tags
     if not (run_dir / "folds.csv").is_file():
         raise RunError(f"{run_dir}: folds.csv is missing; a run without its split cannot be shared")
     files = publishable_files(run_dir, checkpoints)
@@ -563,7 +562,7 @@ def pull(
     dest = Path(runs_dir).expanduser() / stored.qualified
     sidecar = dest / PULLED
     if (dest / RUN_FILE).is_file():
-        local_uid = run_uid(load_run_info(dest))
+        local_uid = run_uid(RunDir(dest).read_info().record())
         if local_uid != stored.uid:
             raise StoreError(
                 f"{dest} holds another run (uid {local_uid}, the store's is {stored.uid}); move it away and pull again"
@@ -640,7 +639,7 @@ def locate(
         pulled_without = checkpoints and (path / PULLED).is_file() and not any(path.glob("fold_*/best.ckpt"))
         if not (pulled_without and uri):
             return str(path)
-        run = qualified_name(load_run_info(path))  # a pulled copy: fetch its checkpoints too
+        run = qualified_name(RunDir(path).read_info().record())  # a pulled copy: fetch its checkpoints too
     path, fetched = pull(run, uri or "", runs_dir, checkpoints=checkpoints)
     if say:
         say(f"pulled {run} from the store -> {path}" + ("" if fetched else " (cached)"))

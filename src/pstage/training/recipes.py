@@ -27,7 +27,7 @@ from pstage.config import Config
 from pstage.core.errors import ConfigError, DataError, RunError
 from pstage.core.metrics import prob_columns
 from pstage.data.sources import Source
-from pstage.runs.rundir import load_run_info
+from pstage.runs.rundir import RunDir
 
 NEEDS_AGES = "the competition layout's train.csv age column"
 
@@ -80,12 +80,11 @@ def resolve_teacher(cfg: Config, runs: str | Path) -> None:
     """Turn ``pseudo.run`` into an absolute run folder (a name is looked up under ``runs``)."""
     if not cfg.pseudo.run:
         return
-    from pstage.runs.rundir import resolve_run
-
-    path = resolve_run(cfg.pseudo.run, runs)
-    if load_run_info(path).get("status") != "done":
+    teacher = RunDir.find(cfg.pseudo.run, runs)
+    path = teacher.path
+    if not teacher.info.done:
         raise RunError(f"pseudo.run={cfg.pseudo.run}: {path} is not finished (status must be done)")
-    if not (path / "test.csv").is_file():
+    if not teacher.output("test").is_file():
         raise RunError(f"pseudo.run={cfg.pseudo.run}: {path} has no test.csv (was it trained with test images?)")
     cfg.pseudo.run = str(path)
 

@@ -35,7 +35,7 @@ from pstage.config import Config, batch_of, diff_configs, dump_config, load_conf
 from pstage.core.console import console, quiet_lightning
 from pstage.core.devices import inference_device, is_rank_zero, resolve_precision
 from pstage.core.errors import ConfigError, DataError, RunError
-from pstage.core.io import now, read_json, write_csv, write_json
+from pstage.core.io import now, write_csv, write_json
 from pstage.core.metrics import cv_scores, macro_f1, prob_columns
 from pstage.data.augment import build_transforms
 from pstage.data.cache import CacheInfo
@@ -49,7 +49,7 @@ from pstage.models.checkpoint import load_fold_module
 from pstage.models.classifier import check_model_name, head_task
 from pstage.models.losses import balanced_weights
 from pstage.models.weights import resolve_weights
-from pstage.runs.rundir import RUN_FILE, RunLock, load_run_info, provenance, submission_frame
+from pstage.runs.rundir import FINAL_DIR, RunDir, RunInfo, RunLock, provenance, submission_frame
 from pstage.training.batch_size import resolve_batch
 from pstage.training.loggers import make_loggers
 from pstage.training.names import check_names
@@ -169,11 +169,11 @@ def train(
         return _run(cfg, run_dir, rank0=True, fold_callbacks=fold_callbacks)
 
 
-def _start(cfg: Config, run_dir: Path) -> dict[str, Any]:
+def _start(cfg: Config, run_dir: Path) -> RunInfo:
     """Create or re-open the run: refuse changed settings, write config.yaml and a running run.json."""
-    info: dict[str, Any] = {}
-    if (run_dir / RUN_FILE).exists():
-        info = load_run_info(run_dir)
+    info = RunInfo()
+    if RunDir(run_dir).has_info():
+        info = RunDir(run_dir).read_info()
         saved = load_run_config(run_dir / "config.yaml").to_dict()
         changes = [c for c in diff_configs(saved, cfg.to_dict()) if not c[0].startswith(RESUMABLE_KEYS)]
         if changes:
@@ -190,7 +190,7 @@ def _start(cfg: Config, run_dir: Path) -> dict[str, Any]:
 
 def _write_status(run_dir: Path, info: dict[str, Any], status: str, **extra: Any) -> dict[str, Any]:
     info = {**{k: v for k, v in info.items() if k != "error"}, **extra, "status": status}
-    write_json(run_dir / RUN_FILE, info)
+    RunDir(run_dir).write_info(info)
     return info
 
 
@@ -207,13 +207,13 @@ def _run(
     re-running it (more folds, moved data) never hides finished results behind "failed".
     """
     started = time.time()
-    previous = _start(cfg, run_dir) if rank0 else {}
-    was_done = previous.get("status") == "done"
-    spent_before = float(previous.get("duration_s", 0.0))
+    previous = _start(cfg, run_dir) if rank0 else RunInfo()
+    was_done = previous.done
+    spent_before = float(previous.duration_s or 0.0)
     info: dict[str, Any] = {
         "name": run_dir.name,
         "status": "running",
-        "created": previous.get("created", now()),
+        "created": previous.created or now(),
         "finished": None,
         **provenance(),
         "model": cfg.model.name,
@@ -239,11 +239,11 @@ def _run(
     try:
         source = load_source(cfg.data)
         check_recipes(cfg, source)
-        info.update(task=source.task.to_dict(), classes=source.task.classes)
+        info.update(task=source.task.to_dict(), classes=source.task.classes, submission_format=source.test_format)
         source, train_cache, test_cache = prepare_caches(source, cfg, verbose=rank0)
         folds = _folds(source, cfg, run_dir, rank0)
-        pending = [k for k in wanted if not (run_dir / f"fold_{k}" / "metrics.json").exists()]
-        final_pending = cfg.train.final_fit != "off" and not (run_dir / FINAL_DIR / "metrics.json").exists()
+        pending = [k for k in wanted if k not in RunDir(run_dir).folds()]
+        final_pending = cfg.train.final_fit != "off" and not RunDir(run_dir).final_done()
         pseudo = pseudo_labels(cfg, source)
         if pseudo is not None and rank0:
             console.print(
@@ -257,8 +257,8 @@ def _run(
         info["resolved"].update(batch_size=fit_cfg.train.batch_size, lr=fit_cfg.optim.lr)
         if rank0:
             if was_done and not pending and not final_pending:
-                console.print(f"  already done (CV macro F1 {previous['cv']['macro_f1']:.4f}); nothing to train")
-                return _result(run_dir, previous)
+                console.print(f"  already done (CV macro F1 {previous.score:.4f}); nothing to train")
+                return _result(run_dir, previous.record())
             done = sorted(set(wanted) - set(pending))
             if done:
                 console.print(f"  resuming (folds {', '.join(map(str, done))} already done)")
@@ -302,9 +302,7 @@ def _run(
         raise
 
 
-def _resolve_batch(
-    cfg: Config, previous: dict[str, Any], source: Source, folds: pd.DataFrame, precision: str
-) -> Config:
+def _resolve_batch(cfg: Config, previous: RunInfo, source: Source, folds: pd.DataFrame, precision: str) -> Config:
     """The config the models train with: train.batch_size=auto resolved on the device (a resumed run
     keeps the batch and lr it started with, so its folds stay comparable)."""
     if cfg.train.batch_size != "auto":
@@ -373,7 +371,7 @@ def _data_summary(source: Source, train_cache: CacheInfo, test_cache: CacheInfo 
 
 
 def _finished_folds(run_dir: Path) -> list[int]:
-    return sorted(int(p.parent.name.split("_")[1]) for p in run_dir.glob("fold_*/metrics.json"))
+    return RunDir(run_dir).folds()
 
 
 def _folds(source: Source, cfg: Config, run_dir: Path, rank0: bool) -> pd.DataFrame:
@@ -500,9 +498,6 @@ def _progress_mode(cfg: Config) -> str:
     if mode == "auto":
         return "bar" if console.is_terminal else "epoch"
     return mode
-
-
-FINAL_DIR = "final"  # the final-fit model (not fold_*: every fold_* consumer keeps its meaning)
 
 
 @dataclass
@@ -733,7 +728,7 @@ def fit_final(
     started = time.time()
     final_dir = run_dir / FINAL_DIR
     final_dir.mkdir(parents=True, exist_ok=True)
-    fold_metrics = [read_json(run_dir / f"fold_{k}" / "metrics.json") for k in _finished_folds(run_dir)]
+    fold_metrics = [RunDir(run_dir).fold_metrics(k) for k in _finished_folds(run_dir)]
     epochs = final_epochs(fold_metrics, cfg.train.epochs)
     transform = build_transforms(cfg.augment, seed=cfg.seed + cfg.split.folds)
     training = training_rows(cfg, source, source.train, test_cache, pseudo, transform)
@@ -822,8 +817,8 @@ def _recipes_summary(cfg: Config, run_dir: Path, pseudo: PseudoLabels | None) ->
             "images": len(pseudo),
             "test_images": pseudo.total,
         }
-    if cfg.train.final_fit != "off" and (run_dir / FINAL_DIR / "metrics.json").exists():
-        final = read_json(run_dir / FINAL_DIR / "metrics.json")
+    if cfg.train.final_fit != "off" and RunDir(run_dir).final_done():
+        final = RunDir(run_dir).final_metrics()
         out["final_fit"] = {k: final.get(k) for k in ("mode", "epochs", "duration_s", "train_images")}
     return out
 
@@ -833,7 +828,7 @@ def _write_outputs(
 ) -> dict[str, Any]:
     """oof.csv, test.csv and submission.csv from every finished fold (test: with the final fit, if any); returns the CV summary."""
     task = source.task
-    fold_dirs = [run_dir / f"fold_{k}" for k in _finished_folds(run_dir)]
+    fold_dirs = [RunDir(run_dir).fold_dir(k) for k in _finished_folds(run_dir)]
     if not fold_dirs:
         raise RunError(f"{run_dir}: no finished fold to summarise")
     oof = pd.concat([pd.read_csv(d / "oof.csv", dtype={"image_id": str}) for d in fold_dirs], ignore_index=True)
@@ -863,6 +858,6 @@ def _write_outputs(
         write_csv(run_dir / "submission.csv", submission_frame(source.test, probs, task, source.test_format))
     cv = cv_scores(oof, task)
     for fold in cv["folds"]:
-        metrics = read_json(run_dir / f"fold_{fold['fold']}" / "metrics.json")
+        metrics = RunDir(run_dir).fold_metrics(fold["fold"])
         fold.update(best_epoch=metrics.get("best_epoch"), duration_s=metrics.get("duration_s"))
     return cv

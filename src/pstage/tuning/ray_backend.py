@@ -35,6 +35,7 @@ from pstage.tuning.study import (
     check_base,
     fail_running,
     make_sampler,
+    mark_trial,
     masked,
     max_steps,
     metric_value,
@@ -42,6 +43,7 @@ from pstage.tuning.study import (
 )
 
 RUN_KEY = "pstage_run"  # added to each Ray trial's config: the run name (from the Optuna trial number)
+STUDY_KEY, NUMBER_KEY = "pstage_study", "pstage_trial"  # and the study and trial number, for its run.json
 METRIC = "objective"
 
 
@@ -73,6 +75,7 @@ def trainable(params: dict[str, Any], *, base: dict[str, Any], runs: str) -> Non
     cfg0 = load_config(base)
     params = dict(params)
     name = params.pop(RUN_KEY)
+    study, number = params.pop(STUDY_KEY), params.pop(NUMBER_KEY)
     cfg = trial_config(cfg0, decode(cfg0.tune.space, params))
     folds = cfg.train.folds if cfg.train.folds is not None else list(range(cfg.split.folds))
 
@@ -82,6 +85,7 @@ def trainable(params: dict[str, Any], *, base: dict[str, Any], runs: str) -> Non
     reporter = CrossFoldReporter(folds, cfg.train.epochs, report)
     result = train(cfg, runs=runs, name=name, fold_callbacks=reporter.callbacks)
     assert result is not None
+    mark_trial(result.path, study, number)
     value = metric_value(result.cv, cfg0.tune.metric)
     _report({METRIC: value, "step": reporter.last_step + 1, "final": True, "cv_macro_f1": result.cv["macro_f1"]})
 
@@ -109,7 +113,7 @@ def _search_class() -> type:
             ot_trial.set_user_attr("run", name)
             ot_trial.set_user_attr("run_path", str((self._pstage_runs / name).resolve()))
             ot_trial.set_user_attr("worker", f"ray:{os.getpid()}")
-            return {**params, RUN_KEY: name}
+            return {**params, RUN_KEY: name, STUDY_KEY: self._pstage_study, NUMBER_KEY: ot_trial.number}
 
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
             if result is not None and not error and not result.get("final"):

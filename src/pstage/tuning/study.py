@@ -18,6 +18,7 @@ from optuna.trial import TrialState
 from pstage.config import Config, TuneConfig, diff_configs
 from pstage.core.errors import ConfigError, RunError
 from pstage.core.registry import Registry
+from pstage.runs.rundir import RunDir
 from pstage.tuning.space import flow
 
 BASE_ATTR = "pstage.base_config"  # study user attr: the base config every trial starts from
@@ -37,6 +38,13 @@ OBJECTIVE_KEYS = ("tune.metric", "tune.folds")
 
 WORKER = f"{socket.gethostname()}:{os.getpid()}"  # marks this process's trials (Ctrl-C clean-up)
 FAIL_STREAK = 3  # a worker stops after this many failed trials in a row (a broken setup, not bad luck)
+
+
+def mark_trial(run_dir: Path, study: str, number: int) -> None:
+    """Record in a finished trial's run.json that it is a tune trial (kind ``trial``) and which one."""
+    run = RunDir(run_dir)
+    with run.lock():
+        run.update_info(kind="trial", trial={"study": study, "number": number})
 
 
 # --------------------------------------------------------------------------------------------

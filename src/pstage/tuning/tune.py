@@ -42,6 +42,7 @@ from pstage.tuning.study import (
     live_running,
     make_pruner,
     make_sampler,
+    mark_trial,
     masked,
     max_steps,
     metric_value,
@@ -267,6 +268,7 @@ class Objective:
             raise _TrialFailed(message) from exc
         assert result is not None
         self.fail_streak = 0
+        mark_trial(result.path, self.study, trial.number)
         value = metric_value(result.cv, self.base.tune.metric)
         trial.set_user_attr(
             "cv",
