@@ -35,6 +35,7 @@ from pstage.core.tasks import Task
 from pstage.data.datasets import CachedImages, make_loader
 from pstage.models.checkpoint import load_fold_module
 from pstage.models.module import ClassifierModule
+from pstage.runs.info import RunInfo
 from pstage.runs.rundir import fold_id, submission_frame
 
 # Candidate cosine-distance cuts searched on OOF (average linkage: the mean distance between two groups).
