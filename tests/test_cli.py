@@ -97,3 +97,25 @@ def test_missing_data_leaves_no_run_behind(tmp_path):
     line = _one_line_error(run_cli("train", "--data", str(tmp_path / "nope"), "--runs", str(tmp_path), "--name", "x"))
     assert "nope does not exist" in line
     assert not (tmp_path / "x").exists()
+
+
+def _cli_without(module: str, *args: str) -> subprocess.CompletedProcess:
+    """``pstage ARGS`` in a process where ``import module`` fails, as without the extra that brings it."""
+    code = f"import sys; sys.modules[{module!r}] = None; from pstage.cli import main; main()"
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
+
+
+def test_error_lines_keep_square_brackets(tmp_path):
+    """Rich markup is escaped in the one error funnel: `pstage serve` without the serve extra names
+    `pip install 'pstage[serve]'` in full (it used to print as `pip install 'pstage'`)."""
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "run.json").write_text('{"name": "r", "status": "done"}')
+    line = _one_line_error(_cli_without("multipart", "serve", str(run)))
+    assert line == "error: multipart not installed: pip install 'pstage[serve]'"
+
+
+def test_tune_errors_go_through_the_same_funnel(tmp_path):
+    """`pstage tune` has no error handling of its own: its errors are one escaped line, exit 2."""
+    out = _cli_without("ray", "tune", "--backend", "ray", "--runs", str(tmp_path / "runs"), "--trials", "1")
+    assert _one_line_error(out) == "error: --backend ray needs Ray Tune: pip install 'pstage[ray]'"

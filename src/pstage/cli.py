@@ -14,6 +14,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 app = typer.Typer(
     name="pstage",
@@ -25,23 +26,29 @@ app = typer.Typer(
 err = Console(stderr=True, highlight=False)
 
 
-def friendly(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Print PstageError (bad input, bad config, bad run) as one line and exit 2; Ctrl-C exits 130."""
+def friendly(command: Callable[..., Any] | None = None, *, say_interrupted: bool = True) -> Any:
+    """The CLI's one error funnel: PstageError (bad input, bad config, bad run) prints as one line,
+    markup escaped (a message may hold ``pip install 'pstage[serve]'``), and exits 2; Ctrl-C exits
+    130, saying "interrupted" unless the command already said what it stopped (``say_interrupted``)."""
 
-    @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from pstage.core.errors import PstageError
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(command)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            from pstage.core.errors import PstageError
 
-        try:
-            return command(*args, **kwargs)
-        except PstageError as exc:
-            err.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
-            raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            err.print("[yellow]interrupted[/]")
-            raise typer.Exit(130) from None
+            try:
+                return command(*args, **kwargs)
+            except PstageError as exc:
+                err.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
+                raise typer.Exit(2) from None
+            except KeyboardInterrupt:
+                if say_interrupted:
+                    err.print("[yellow]interrupted[/]")
+                raise typer.Exit(130) from None
 
-    return wrapper
+        return wrapper
+
+    return decorate(command) if command is not None else decorate
 
 
 def _print_result(result: Any) -> None:
@@ -151,7 +158,7 @@ def predict(
 
     result = predict_run(run_dir, data, runs=runs, tta=tta, out=out)
     for problem in result.skipped:
-        err.print(f"[yellow]warning:[/] {problem}")
+        err.print(f"[yellow]warning:[/] {escape(problem)}")
     what = "submission" if result.kind == "submission" else "predictions"
     print(f"{what}: {len(result.frame):,} images -> {result.path}" + (f" (TTA: {result.tta})" if result.tta else ""))
     if result.cv_tta is not None:
@@ -186,7 +193,7 @@ def board(
     found = load_board(runs, contains=contains, sort=sort, store=store)
     console.print(board_table(found, title="board"))
     for path, why in found.skipped:
-        console.print(f"[dim]skipped {path}: {why}[/]", soft_wrap=True)
+        console.print(f"[dim]skipped {escape(str(path))}: {escape(why)}[/]", soft_wrap=True)
     if html is not None:
         print(f"board page -> {board_html(found, html)}")
 
@@ -278,7 +285,7 @@ def eda(
 
     result = run_eda(data, out, config=config)
     for problem in result.problems[:3]:
-        err.print(f"[yellow]data problem:[/] {problem}", soft_wrap=True)
+        err.print(f"[yellow]data problem:[/] {escape(problem)}", soft_wrap=True)
     rate = (
         ""
         if result.face_hit_rate is None
@@ -341,6 +348,7 @@ def demo(
 
 
 @app.command("tune")
+@friendly(say_interrupted=False)  # tune prints which trial it marked failed
 def tune_command(
     overrides: list[str] | None = typer.Argument(
         None, metavar="[KEY=VALUE]...", help="Config overrides with dotted keys (the base every trial starts from)."
@@ -379,39 +387,29 @@ def tune_command(
     store: str | None = _store_option(),
 ) -> None:
     """Search hyper-parameters (tune.space) with Optuna; every completed trial is a normal run."""
-    from pstage.core.errors import PstageError
+    from pstage.config import load_config
 
-    try:
-        from pstage.config import load_config
+    store = None if show else _checked_store(store)
+    resolved = load_config(config, overrides or [])  # config errors answer before torch is imported
+    from pstage.tuning.tune import tune as run_tune
 
-        store = None if show else _checked_store(store)
-        resolved = load_config(config, overrides or [])  # config errors answer before torch is imported
-        from pstage.tuning.tune import tune as run_tune
+    result = run_tune(
+        resolved,
+        trials=trials,
+        storage=storage,
+        study=study or resolved.tune.study or (config.stem if config else None),
+        data=data,
+        runs=runs,
+        timeout=timeout,
+        backend=backend,
+        show=show,
+    )
+    if store and result is not None:  # every finished trial run of the study
+        from pstage.runs.rundir import RunDir
 
-        result = run_tune(
-            resolved,
-            trials=trials,
-            storage=storage,
-            study=study or resolved.tune.study or (config.stem if config else None),
-            data=data,
-            runs=runs,
-            timeout=timeout,
-            backend=backend,
-            show=show,
-        )
-        if store and result is not None:  # every finished trial run of the study
-            from pstage.runs.rundir import RunDir
-
-            for trial in sorted(runs.glob(f"{result.study}-[0-9]*/run.json")):
-                if RunDir(trial.parent).read_info().done:
-                    _publish_after(trial.parent, store)
-    except PstageError as exc:  # like @friendly, with the message escaped: it may hold [brackets]
-        from rich.markup import escape
-
-        err.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
-        raise typer.Exit(2) from None
-    except KeyboardInterrupt:  # tune printed the one-line summary; the running trial is marked failed
-        raise typer.Exit(130) from None
+        for trial in sorted(runs.glob(f"{result.study}-[0-9]*/run.json")):
+            if RunDir(trial.parent).read_info().done:
+                _publish_after(trial.parent, store)
 
 
 @app.command("config")
