@@ -26,7 +26,7 @@ from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.spatial.distance import pdist
 from sklearn.metrics import adjusted_rand_score
 
-from pstage.config import Config
+from pstage.config import Config, batch_of
 from pstage.core.devices import autocast_dtype, inference_device, resolve_precision
 from pstage.core.errors import ConfigError
 from pstage.core.io import write_csv
@@ -97,7 +97,7 @@ def fold_embeddings(
             load_fold_module(c),
             cache,
             rows,
-            batch_size=config.train.batch_size * 2,
+            batch_size=batch_of(config.train) * 2,
             device=device,
             precision=precision,
         )
@@ -278,7 +278,7 @@ def group_run(
             load_fold_module(checkpoint),
             train_cache,
             table.loc[oof.loc[rows, "image_id"], "cache_row"].to_numpy(),
-            batch_size=config.train.batch_size * 2,
+            batch_size=batch_of(config.train) * 2,
             device=device,
             precision=precision,
         )
