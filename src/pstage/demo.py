@@ -39,7 +39,11 @@ FULL = DemoPlan(
     persons=300,
     eval_persons=60,
     source_size=(512, 384),
-    common=["split.folds=3", "train.epochs=15"],
+    common=[
+        "split.folds=3",
+        "train.epochs=15",
+        "data.image_size=[64,48]",
+    ],  # tiny models on drawn faces: minutes, not the real-photo default size
     runs={"test-resnet": ["model.name=test_resnet"], "test-byobnet": ["model.name=test_byobnet"]},
 )
 QUICK = DemoPlan(
