@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import datetime as dt
 import difflib
-import json
 import os
 import re
 import time
@@ -24,38 +23,32 @@ from typing import Any
 
 import pstage.core.compat  # noqa: F401
 
-import lightning as L
 import numpy as np
 import pandas as pd
-import torch
-from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint, RichProgressBar
-from lightning.pytorch.callbacks.weight_averaging import EMAWeightAveraging
+from lightning.pytorch.callbacks import Callback
 
-from pstage.config import Config, batch_of, diff_configs, dump_config, load_config, load_run_config
+from pstage.config import Config, diff_configs, dump_config, load_config, load_run_config
 from pstage.core.console import console, quiet_lightning
 from pstage.core.devices import inference_device, is_rank_zero, resolve_precision
 from pstage.core.errors import ConfigError, DataError, RunError
-from pstage.core.io import now, write_csv, write_json
+from pstage.core.io import now, write_csv
 from pstage.core.metrics import cv_scores, macro_f1, prob_columns
 from pstage.data.augment import build_transforms
 from pstage.data.cache import CacheInfo
-from pstage.data.datasets import CachedImages, FoldData, resolve_workers
+from pstage.data.datasets import resolve_workers
 from pstage.data.prepare import prepare_caches, resolve_face_crop
 from pstage.data.sources import Source, detect_kind, load_source
 from pstage.data.split import check_folds, make_folds
 from pstage.inference.persons import describe_grouping, group_run
-from pstage.inference.predict import blend_final, fold_checkpoints, predict_probs
-from pstage.models.checkpoint import load_fold_module
-from pstage.models.classifier import check_model_name, head_task
-from pstage.models.losses import balanced_weights
+from pstage.inference.predict import blend_final, fold_checkpoints
+from pstage.models.classifier import check_model_name
 from pstage.models.weights import resolve_weights
 from pstage.runs.rundir import FINAL_DIR, RunDir, RunInfo, RunLock, provenance, submission_frame
 from pstage.training.batch_size import resolve_batch
-from pstage.training.loggers import make_loggers
+from pstage.training.fit import FitContext, FitJob, complete, fit_model
 from pstage.training.names import check_names
 from pstage.training.recipes import (
     PseudoLabels,
-    borderline_mask,
     check_recipe_data,
     check_recipes,
     final_epochs,
@@ -263,23 +256,12 @@ def _run(
             if done:
                 console.print(f"  resuming (folds {', '.join(map(str, done))} already done)")
             record("running")
+        ctx = FitContext(fit_cfg, source, train_cache, test_cache, run_dir, precision, rank0, pseudo)
         for k in pending:
-            fit_fold(
-                k,
-                fit_cfg,
-                source,
-                folds,
-                train_cache,
-                test_cache,
-                run_dir,
-                precision,
-                rank0,
-                fold_callbacks,
-                pseudo=pseudo,
-            )
+            fit_fold(ctx, folds, k, fold_callbacks(k) if fold_callbacks else ())
             record("running")
         if final_pending:
-            fit_final(fit_cfg, source, train_cache, test_cache, run_dir, precision, rank0, pseudo)
+            fit_final(ctx)
         if not rank0:
             return None
         cv = _write_outputs(run_dir, source, test_cache, cfg.train.final_fit)
@@ -389,416 +371,68 @@ def _folds(source: Source, cfg: Config, run_dir: Path, rank0: bool) -> pd.DataFr
     return folds
 
 
-class FoldReport(Callback):
-    """Per epoch: one console line, and a line in fold_<k>/history.jsonl (kept across resumes)."""
-
-    def __init__(self, fold: int, fold_dir: Path, best: ModelCheckpoint, print_lines: bool):
-        self.fold, self.fold_dir, self.best, self.print_lines = fold, fold_dir, best, print_lines
-        self.resumed_from_epoch: int | None = None
-        self._started = time.time()
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.current_epoch > 0:
-            self.resumed_from_epoch = trainer.current_epoch
-            if trainer.is_global_zero:
-                console.print(
-                    f"  fold {self.fold}: resumed from last.ckpt at epoch {trainer.current_epoch}/{trainer.max_epochs}"
-                )
-
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._started = time.time()
-
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.is_global_zero:
-            return
-        m = {k: float(v) for k, v in trainer.callback_metrics.items()}
-        row = {
-            "epoch": trainer.current_epoch,
-            "train_loss": m.get("train/loss"),
-            "val_loss": m.get("val/loss"),
-            "val_macro_f1": m.get("val/macro_f1"),
-            "seconds": round(time.time() - self._started, 2),
-        }
-        with open(self.fold_dir / "history.jsonl", "a") as handle:
-            handle.write(json.dumps(row) + "\n")
-        if self.print_lines:
-            best = (
-                self.best.best_model_score is not None
-                and row["val_macro_f1"] is not None
-                and abs(float(self.best.best_model_score) - row["val_macro_f1"]) < 1e-9
-            )
-            console.print(
-                f"  fold {self.fold} epoch {trainer.current_epoch + 1:>2}/{trainer.max_epochs}  train loss {row['train_loss'] or float('nan'):.3f}  val loss {row['val_loss'] or float('nan'):.3f}  "
-                f"val macro F1 {row['val_macro_f1'] or float('nan'):.4f}{' *' if best else '  '}  {row['seconds']:.1f}s"
-            )
-
-
-def read_history(fold_dir: Path) -> list[dict[str, Any]]:
-    """Epoch rows of a fold, the last write of each epoch winning (a resume may repeat one)."""
-    path = fold_dir / "history.jsonl"
-    if not path.exists():
-        return []
-    rows = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            row = json.loads(line)
-            rows[row["epoch"]] = row
-    return [rows[e] for e in sorted(rows)]
-
-
-def _class_weights(cfg: Config, source: Source, targets: np.ndarray) -> dict[str, list[float]] | None:
-    if cfg.loss.class_weights != "balanced":
-        return None
-    heads = head_task(source.task, cfg.model.head)
-    out = {}
-    for head, head_targets in heads.head_targets(targets).items():
-        out[head] = balanced_weights(torch.as_tensor(head_targets), len(heads.heads[head])).tolist()
-    return out
-
-
-def _teacher_labels(cfg: Config, rows: pd.DataFrame) -> np.ndarray:
-    from pstage.training.teacher import teacher_probs
-
-    return teacher_probs(cfg, rows["image_id"])
-
-
-def make_trainer(
-    cfg: Config,
-    precision: str,
-    callbacks: list[Callback],
-    epochs: int,
-    samples: int,
-    loggers: list[Any],
-    root: Path,
-    **extra: Any,
-) -> L.Trainer:
-    """The Trainer every model of a run is fitted with (folds and the final fit): flags from train.*."""
-    return L.Trainer(
-        max_epochs=epochs,
-        accelerator=cfg.train.accelerator,
-        devices=cfg.train.devices,
-        strategy=cfg.train.strategy,
-        num_nodes=cfg.train.num_nodes,
-        precision=precision,
-        accumulate_grad_batches=cfg.train.accumulate_grad_batches,
-        gradient_clip_val=cfg.train.gradient_clip_val,
-        callbacks=callbacks,
-        logger=loggers or False,
-        enable_progress_bar=_progress_mode(cfg) == "bar",
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        log_every_n_steps=min(50, max(1, samples // batch_of(cfg.train))),
-        default_root_dir=root,
-        **extra,
-    )
-
-
-def _progress_mode(cfg: Config) -> str:
-    mode = cfg.train.progress
-    if mode == "auto":
-        return "bar" if console.is_terminal else "epoch"
-    return mode
-
-
-@dataclass
-class TrainingRows:
-    """What one model trains on: its rows of the training table (after the borderline recipe), their
-    per-image extras for the loss, and the pseudo-labelled test images as a second dataset."""
-
-    rows: pd.DataFrame
-    extras: dict[str, np.ndarray]
-    borderline: int  # training images dropped or down-weighted as borderline ages
-    pseudo: CachedImages | None = None
-
-    @property
-    def count(self) -> int:
-        return len(self.rows) + (len(self.pseudo) if self.pseudo is not None else 0)
-
-
-def training_rows(
-    cfg: Config,
-    source: Source,
-    rows: pd.DataFrame,
-    test_cache: CacheInfo | None = None,
-    pseudo: PseudoLabels | None = None,
-    transform: Any = None,
-) -> TrainingRows:
-    """The training side of a fold (or of the final fit): borderline ages out or down-weighted,
-    ages for a regression head, pseudo-labelled test images. Validation rows never pass here."""
-    extras: dict[str, np.ndarray] = {}
-    border = 0
-    if cfg.data.borderline.years:
-        band = borderline_mask(rows["age"].to_numpy(), cfg)
-        border = int(band.sum())
-        if cfg.data.borderline.mode == "drop":
-            rows = rows[~band]
-        else:
-            extras["weight"] = np.where(band, cfg.data.borderline.weight, 1.0)
-    if cfg.model.age_head == "regress":
-        extras["age"] = rows["age"].to_numpy(dtype=np.float32)
-    extra = None
-    if pseudo is not None and len(pseudo) and test_cache is not None:
-        pseudo_extras = {}
-        if "weight" in extras:
-            pseudo_extras["weight"] = np.ones(len(pseudo))
-        if cfg.pseudo.soft:
-            extras["soft"] = np.eye(source.task.num_classes)[rows["target"].to_numpy()]
-            pseudo_extras["soft"] = pseudo.probs
-        extra = CachedImages(test_cache.path, pseudo.rows, pseudo.targets, transform, extras=pseudo_extras)
-    return TrainingRows(rows, extras, border, extra)
-
-
-def fit_fold(
-    k: int,
-    cfg: Config,
-    source: Source,
-    folds: pd.DataFrame,
-    train_cache: CacheInfo,
-    test_cache: CacheInfo | None,
-    run_dir: Path,
-    precision: str,
-    rank0: bool,
-    fold_callbacks: Callable[[int], Sequence[Callback]] | None = None,
-    *,
-    pseudo: PseudoLabels | None = None,
-) -> None:
-    """Train fold ``k`` (resuming from last.ckpt if present); on rank 0 then write its predictions."""
-    from pstage.models.module import ClassifierModule
-
-    started = time.time()
-    fold_dir = run_dir / f"fold_{k}"
-    fold_dir.mkdir(parents=True, exist_ok=True)
+def fit_fold(ctx: FitContext, folds: pd.DataFrame, k: int, callbacks: Sequence[Callback] = ()) -> None:
+    """Train fold ``k`` (resuming from last.ckpt if present); on rank 0 then write its predictions and metrics.json."""
+    cfg, train_rows = ctx.cfg, ctx.source.train
     is_val = (folds["fold"] == k).to_numpy()
-    transform = build_transforms(cfg.augment, seed=cfg.seed + k)
-    training = training_rows(cfg, source, source.train[~is_val], test_cache, pseudo, transform)
-    train_rows, val_rows = training.rows, source.train[is_val]
-    L.seed_everything(cfg.seed + k, workers=True, verbose=False)
-    module = ClassifierModule(
-        cfg.to_dict(), source.task.to_dict(), _class_weights(cfg, source, train_rows["target"].to_numpy())
-    )
-    if cfg.model.age_head == "regress":  # standardise ages with the training fold's own statistics
-        module.model.heads["age"].set_stats(train_rows["age"].to_numpy(dtype=np.float32))
-    datamodule = FoldData(
-        train_cache.path,
-        train_rows["cache_row"].to_numpy(),
-        train_rows["target"].to_numpy(),
-        val_rows["cache_row"].to_numpy(),
-        val_rows["target"].to_numpy(),
-        cfg,
-        transform,
-        _teacher_labels(cfg, train_rows) if cfg.distill.teacher else None,
-        training.extras,
-        training.pseudo,
-    )
-    best = ModelCheckpoint(
-        dirpath=fold_dir,
-        filename="best",
-        monitor="val/macro_f1",
-        mode="max",
-        save_top_k=1,
-        save_weights_only=True,
-        enable_version_counter=False,
-        auto_insert_metric_name=False,
-    )
-    last = ModelCheckpoint(dirpath=fold_dir, filename="last", monitor=None, save_top_k=1, enable_version_counter=False)
-    mode = _progress_mode(cfg)
-    report = FoldReport(k, fold_dir, best, print_lines=mode == "epoch")
-    callbacks: list[Callback] = [best, last, report, *(fold_callbacks(k) if fold_callbacks else ())]
-    if mode == "bar":
-        callbacks.append(RichProgressBar(leave=True))
-    if cfg.train.early_stopping:
-        callbacks.append(EarlyStopping(monitor="val/macro_f1", mode="max", patience=cfg.train.early_stopping))
-    if cfg.train.ema:
-        callbacks.append(EMAWeightAveraging(decay=cfg.train.ema_decay))
-    trainer = make_trainer(
-        cfg, precision, callbacks, cfg.train.epochs, training.count, make_loggers(cfg, run_dir, k), fold_dir
-    )
-    if cfg.train.compile:
-        module.model = torch.compile(module.model)
-    resume = fold_dir / "last.ckpt"
-    notes = _recipe_notes(cfg, training)
-    if rank0 and mode != "none":
-        console.print(
-            f"[bold]fold {k}[/]: {len(train_rows):,} train / {len(val_rows):,} validation images{notes['line']}"
-        )
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume.exists() else None)
-    for logger in trainer.loggers:
-        logger.finalize("success")
-    if not rank0:
+    job = FitJob(ctx, k, train_rows[~is_val], train_rows[is_val], cfg.seed + k, cfg.train.epochs, callbacks)
+    result = fit_model(job)
+    if result is None:
         return
-    _predict_fold(
-        k, cfg, source, val_rows, train_cache, test_cache, fold_dir, precision, best, report, started, notes["metrics"]
-    )
-
-
-def _recipe_notes(cfg: Config, training: TrainingRows) -> dict[str, Any]:
-    """What the recipes changed in a model's training images: a console suffix and metrics.json keys."""
-    metrics: dict[str, Any] = {}
-    parts = []
-    if cfg.data.borderline.years:
-        verb = "dropped" if cfg.data.borderline.mode == "drop" else f"weighted {cfg.data.borderline.weight:g}"
-        metrics["borderline_images"] = training.borderline
-        parts.append(f"{training.borderline} borderline-age images {verb}")
-    if training.pseudo is not None:
-        metrics["pseudo_images"] = len(training.pseudo)
-        parts.append(f"+{len(training.pseudo)} pseudo-labelled test images")
-    if metrics:
-        metrics["train_images"] = training.count
-    return {"metrics": metrics, "line": f" ({', '.join(parts)})" if parts else ""}
-
-
-def _predict_fold(
-    k: int,
-    cfg: Config,
-    source: Source,
-    val_rows: pd.DataFrame,
-    train_cache: CacheInfo,
-    test_cache: CacheInfo | None,
-    fold_dir: Path,
-    precision: str,
-    best: ModelCheckpoint,
-    report: FoldReport,
-    started: float,
-    extra_metrics: dict[str, Any] | None = None,
-) -> None:
-    """OOF and test probabilities from the fold's best weights; metrics.json last (marks the fold done)."""
-    model = load_fold_module(fold_dir / "best.ckpt")
-    device = inference_device(cfg.train.accelerator)
-    batch = batch_of(cfg.train) * 2
-    oof = predict_probs(
-        model, train_cache.path, val_rows["cache_row"].to_numpy(), batch_size=batch, device=device, precision=precision
-    )
-    cols = prob_columns(source.task.num_classes)
-    frame = pd.concat(
-        [
-            pd.DataFrame(
-                {"image_id": val_rows["image_id"].to_numpy(), "fold": k, "target": val_rows["target"].to_numpy()}
-            ),
-            pd.DataFrame(oof, columns=cols),
-        ],
-        axis=1,
-    )
-    write_csv(fold_dir / "oof.csv", frame, float_format="%.6g")
-    if test_cache is not None:
-        probs = predict_probs(
-            model, test_cache.path, np.arange(test_cache.count), batch_size=batch, device=device, precision=precision
-        )
-        tmp = fold_dir / ".test.tmp.npy"
-        np.save(tmp, probs.astype(np.float32))
-        os.replace(tmp, fold_dir / "test.npy")
-    history = read_history(fold_dir)
-    score = macro_f1(frame["target"].to_numpy(), oof.argmax(1))
+    oof, history = result.oof, result.history
+    assert oof is not None  # a validated model always predicts its validation rows
+    score = macro_f1(oof["target"].to_numpy(), oof[prob_columns(ctx.source.task.num_classes)].to_numpy().argmax(1))
     best_epoch = max(history, key=lambda r: r["val_macro_f1"] or -1)["epoch"] if history else None
     metrics = {
         "fold": k,
         "macro_f1": score,
         "best_epoch": best_epoch,
         "epochs_run": len(history),
-        "val_images": len(val_rows),
-        "resumed_from_epoch": report.resumed_from_epoch,
-        "duration_s": round(time.time() - started, 2),
-        **(extra_metrics or {}),
+        "val_images": len(oof),
+        "resumed_from_epoch": result.resumed_from_epoch,
+        "duration_s": result.duration_s,
+        **result.recipe_metrics,
         "history": history,
     }
-    write_json(fold_dir / "metrics.json", metrics)
-    # The fold is finished: last.ckpt (weights + optimizer state, ~3x best.ckpt) has done its job.
-    (fold_dir / "last.ckpt").unlink(missing_ok=True)
+    complete(job, metrics)
     console.print(
         f"  fold {k} done: macro F1 {score:.4f} (best epoch {None if best_epoch is None else best_epoch + 1}) in {metrics['duration_s']:.0f}s"
     )
 
 
-def fit_final(
-    cfg: Config,
-    source: Source,
-    train_cache: CacheInfo,
-    test_cache: CacheInfo | None,
-    run_dir: Path,
-    precision: str,
-    rank0: bool,
-    pseudo: PseudoLabels | None = None,
-) -> None:
+def fit_final(ctx: FitContext) -> None:
     """``train.final_fit``: one model on every training person for the folds' median best epoch count.
 
     Nothing is validated (there is no held-out person left); the epoch count comes from the CV.
     Writes final/model.ckpt (weights) and final/test.npy, then final/metrics.json (marks it done).
     """
-    from pstage.models.module import ClassifierModule
-
-    started = time.time()
-    final_dir = run_dir / FINAL_DIR
-    final_dir.mkdir(parents=True, exist_ok=True)
+    cfg, run_dir = ctx.cfg, ctx.run_dir
     fold_metrics = [RunDir(run_dir).fold_metrics(k) for k in _finished_folds(run_dir)]
     epochs = final_epochs(fold_metrics, cfg.train.epochs)
-    transform = build_transforms(cfg.augment, seed=cfg.seed + cfg.split.folds)
-    training = training_rows(cfg, source, source.train, test_cache, pseudo, transform)
-    rows = training.rows
-    L.seed_everything(cfg.seed + cfg.split.folds, workers=True, verbose=False)  # a seed no fold uses
-    final_cfg = cfg.model_copy(deep=True)
-    final_cfg.train.epochs = epochs  # the schedule (warm-up, cosine) spans the epochs it trains
-    module = ClassifierModule(
-        final_cfg.to_dict(), source.task.to_dict(), _class_weights(cfg, source, rows["target"].to_numpy())
+    job = FitJob(
+        ctx,
+        None,
+        ctx.source.train,
+        None,
+        cfg.seed + cfg.split.folds,  # a seed no fold uses
+        epochs,
+        detail=f" (every person), {epochs} epochs (the folds' median best)",
     )
-    if cfg.model.age_head == "regress":
-        module.model.heads["age"].set_stats(rows["age"].to_numpy(dtype=np.float32))
-    empty = np.zeros(0, np.int64)
-    datamodule = FoldData(
-        train_cache.path,
-        rows["cache_row"].to_numpy(),
-        rows["target"].to_numpy(),
-        empty,
-        empty,
-        cfg,
-        transform,
-        _teacher_labels(cfg, rows) if cfg.distill.teacher else None,
-        training.extras,
-        training.pseudo,
-    )
-    last = ModelCheckpoint(dirpath=final_dir, filename="last", monitor=None, save_top_k=1, enable_version_counter=False)
-    callbacks: list[Callback] = [last]
-    if cfg.train.ema:
-        callbacks.append(EMAWeightAveraging(decay=cfg.train.ema_decay))
-    mode = _progress_mode(cfg)
-    if mode == "bar":
-        callbacks.append(RichProgressBar(leave=True))
-    loggers = make_loggers(cfg, run_dir, FINAL_DIR)  # type: ignore[arg-type]
-    trainer = make_trainer(cfg, precision, callbacks, epochs, training.count, loggers, final_dir, limit_val_batches=0)
-    if cfg.train.compile:
-        module.model = torch.compile(module.model)
-    notes = _recipe_notes(cfg, training)
-    if rank0 and mode != "none":
-        console.print(
-            f"[bold]final fit[/]: {len(rows):,} train images (every person), {epochs} epochs (the folds' median best){notes['line']}"
-        )
-    resume = final_dir / "last.ckpt"
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume.exists() else None)
-    for logger in trainer.loggers:
-        logger.finalize("success")
-    trainer.save_checkpoint(final_dir / "model.ckpt", weights_only=True)
-    if not rank0:
+    result = fit_model(job)
+    if result is None:
         return
-    model = load_fold_module(final_dir / "model.ckpt")
-    if test_cache is not None:
-        probs = predict_probs(
-            model,
-            test_cache.path,
-            np.arange(test_cache.count),
-            batch_size=batch_of(cfg.train) * 2,
-            device=inference_device(cfg.train.accelerator),
-            precision=precision,
-        )
-        np.save(final_dir / "test.npy", probs.astype(np.float32))
     metrics = {
         "mode": cfg.train.final_fit,
         "epochs": epochs,
         "fold_best_epochs": [m.get("best_epoch") for m in fold_metrics],
-        "duration_s": round(time.time() - started, 2),
-        **notes["metrics"],
-        "train_images": training.count,
+        "duration_s": result.duration_s,
+        **result.recipe_metrics,
+        "train_images": result.train_images,
     }
-    write_json(final_dir / "metrics.json", metrics)
-    (final_dir / "last.ckpt").unlink(missing_ok=True)
-    console.print(f"  final fit done: {epochs} epochs on {training.count:,} images in {metrics['duration_s']:.0f}s")
+    complete(job, metrics)
+    console.print(
+        f"  final fit done: {epochs} epochs on {result.train_images:,} images in {metrics['duration_s']:.0f}s"
+    )
 
 
 def _recipes_summary(cfg: Config, run_dir: Path, pseudo: PseudoLabels | None) -> dict[str, Any]:
