@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 err = Console(stderr=True, highlight=False)
+STARTED = time.time()  # the command's start: train.time counts from here (imports included)
 
 
 def friendly(command: Callable[..., Any] | None = None, *, say_interrupted: bool = True) -> Any:
@@ -129,7 +131,7 @@ def train(
     resolved = load_config(config, overrides or [])  # config errors answer before torch is imported
     from pstage.training.train import train as train_run
 
-    result = train_run(resolved, data=data, runs=runs, name=name)
+    result = train_run(resolved, data=data, runs=runs, name=name, started=STARTED)
     if result is not None:  # None in non-zero DDP ranks
         _print_result(result)
         _publish_after(result.path, store, with_checkpoints)

@@ -8,6 +8,7 @@ mirrors them with the measurements behind them (a test keeps the two in step).
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
@@ -208,11 +209,38 @@ class OptimConfig(Section):
     min_lr_ratio: float = Field(0.01, ge=0.0, le=1.0, description="Final learning rate as a fraction of lr.")
 
 
+_DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)\s*(h|hours?|m|min|minutes?|s|sec|seconds?)?\s*)+")
+_UNIT_S = {"h": 3600, "m": 60, "s": 1}
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from ``15m``, ``2h``, ``1h30m``, ``90s``, ``90`` or a number; ValueError otherwise."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration like 15m, 2h, 90s or a number of seconds, e.g. 15m")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        text = str(value).strip().lower()
+        if not text or not _DURATION.fullmatch(text):
+            raise ValueError("expected a duration like 15m, 2h, 90s or a number of seconds, e.g. 15m")
+        seconds = sum(
+            float(number) * _UNIT_S[(unit or "s")[0]]
+            for number, unit in re.findall(r"(\d+(?:\.\d+)?)\s*([a-z]*)", text)
+        )
+    if not seconds > 0 or seconds == float("inf"):
+        raise ValueError("expected a positive duration, e.g. 15m")
+    return seconds
+
+
 class TrainConfig(Section):
     epochs: int = Field(
         10,
         ge=1,
-        description="Epochs per fold; the best epoch by validation macro F1 is kept. resnet10t on the demo data: 10 epochs 0.55, 15 epochs 0.55 at 1.6x the time.",
+        description="Epochs per fold; the best epoch by validation macro F1 is kept. With train.time set, the cap: the budget plans fewer when that is all that fits. resnet10t on the demo data: 10 epochs 0.55, 15 epochs 0.55 at 1.6x the time.",
+    )
+    time: float | None = Field(
+        None,
+        description="Time budget for the whole `pstage train` command (cache, every fold, the final fit, predictions): 15m, 2h, 90s or seconds; null = off. Epochs per fold are planned from measured speed (at most train.epochs) and the LR schedule set to the planned length; a budget too small for one epoch per fold is refused.",
     )
     batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
         64,
@@ -257,6 +285,11 @@ class TrainConfig(Section):
         "auto",
         description="Rich progress bars on a terminal (auto), always (bar), one line per epoch (epoch) or quiet (none).",
     )
+
+    @field_validator("time", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> float | None:
+        return None if value is None else parse_duration(value)
 
     @field_validator("precision")
     @classmethod

@@ -156,6 +156,22 @@ def _files_key(paths: Sequence[str], settings: dict) -> str:
     return digest.hexdigest()[:20]
 
 
+def is_cached(
+    paths: Sequence[str],
+    size: Sequence[int],
+    face_crop: bool = False,
+    face_margin: float = 0.6,
+    center_crop: float = 1.0,
+    face_detector: str = DEFAULT_DETECTOR,
+    cache_dir: str | Path | None = None,
+) -> bool:
+    """Whether ``build_cache`` would reuse a finished cache for these settings (nothing to decode)."""
+    root = Path(cache_dir) if cache_dir else default_cache_dir()
+    detector = resolve_detector(face_detector) if face_crop is True else None
+    key = cache_key(paths, (int(size[0]), int(size[1])), face_crop is True, face_margin, center_crop, detector or "")
+    return (root / f"{key}.json").exists() and (root / f"{key}.npy").exists()
+
+
 def build_cache(
     paths: Sequence[str],
     size: tuple[int, int],

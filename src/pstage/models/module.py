@@ -197,6 +197,7 @@ class ClassifierModule(L.LightningModule):
             return optimizer
         epochs = self.trainer.max_epochs
         per_epoch = max(1, int(np.ceil(self.trainer.estimated_stepping_batches / epochs)))
+        self._updates_per_epoch = per_epoch
         scheduler, _ = create_scheduler_v2(
             optimizer,
             sched="cosine" if optim.scheduler == "cosine" else "constant",
@@ -208,6 +209,13 @@ class ClassifierModule(L.LightningModule):
             updates_per_epoch=per_epoch,
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def plan_epochs(self, epochs: int) -> None:
+        """Set the LR schedule's length to ``epochs`` (train.time re-plans a model as it trains), so a
+        cosine schedule still ends at its minimum with the last planned epoch."""
+        for config in self.trainer.lr_scheduler_configs:
+            if hasattr(config.scheduler, "t_initial"):
+                config.scheduler.t_initial = epochs * self._updates_per_epoch
 
     def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
         scheduler.step_update(num_updates=self.global_step)  # timm schedulers step by update count

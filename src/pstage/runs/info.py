@@ -120,6 +120,7 @@ class RunInfo(Record):
     ensemble: EnsembleSpec | None = None
     distilled_from: dict[str, Any] | None = None
     trial: dict[str, Any] | None = None  # a tune trial: its study and number
+    time_budget: dict[str, Any] | None = None  # train.time: the budget, planned vs actual epochs and seconds
 
     @property
     def done(self) -> bool:

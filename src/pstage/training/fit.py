@@ -299,6 +299,7 @@ class FoldReport(Callback):
             "train_loss": m.get("train/loss"),
             "val_loss": m.get("val/loss"),
             "val_macro_f1": m.get("val/macro_f1"),
+            "lr": trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else None,  # where the schedule is
             "seconds": round(time.time() - self._started, 2),
         }
         with open(self.folder / "history.jsonl", "a") as handle:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import difflib
+import math
 import os
 import re
 import time
@@ -45,6 +46,7 @@ from pstage.models.classifier import check_model_name
 from pstage.models.weights import resolve_weights
 from pstage.runs.rundir import FINAL_DIR, RunDir, RunInfo, RunLock, provenance, submission_frame
 from pstage.training.batch_size import resolve_batch
+from pstage.training.budget import Budget, BudgetStop, Speed, cache_seconds, probe_speed
 from pstage.training.fit import FitContext, FitJob, complete, fit_model
 from pstage.training.names import check_names
 from pstage.training.recipes import (
@@ -115,6 +117,7 @@ def train(
     name: str | None = None,
     overrides: list[str] | tuple[str, ...] | dict[str, Any] = (),
     fold_callbacks: Callable[[int], Sequence[Callback]] | None = None,
+    started: float | None = None,
 ) -> RunResult | None:
     """Train a cross-validated run into ``runs/<name>`` and return its result.
 
@@ -122,7 +125,9 @@ def train(
     from its last checkpoint. Returns None in the non-zero ranks of a DDP run.
     ``fold_callbacks(k)`` may add Lightning callbacks to fold k's Trainer (``pstage tune`` reports
     every epoch to Optuna through it and prunes by raising from it).
+    ``started`` is when ``train.time``'s clock started (the CLI passes its own start; default now).
     """
+    started = time.time() if started is None else started
     quiet_lightning()
     cfg = load_config(config, overrides)
     if data is not None:
@@ -153,13 +158,49 @@ def train(
         saved = load_run_config(run_dir / "config.yaml").data
         cfg.data.face_crop, cfg.data.face_detector = saved.face_crop, saved.face_detector
     cfg.data = resolve_face_crop(cfg.data)  # config.yaml records the crop and detector actually used
+    preflight = None
+    if cfg.train.time is not None and rank0 and not RunDir(run_dir).has_info():
+        preflight = _check_budget(cfg, started)  # a budget too small is refused before the run folder exists
     if not rank0:
-        _run(cfg, run_dir, rank0=False, fold_callbacks=fold_callbacks)
+        _run(cfg, run_dir, rank0=False, fold_callbacks=fold_callbacks, started=started)
         return None
     os.environ[RUN_NAME_ENV] = name
     run_dir.mkdir(parents=True, exist_ok=True)
     with RunLock(run_dir):
-        return _run(cfg, run_dir, rank0=True, fold_callbacks=fold_callbacks)
+        return _run(cfg, run_dir, rank0=True, fold_callbacks=fold_callbacks, started=started, preflight=preflight)
+
+
+@dataclass
+class Preflight:
+    """What the budget check found before the run folder existed (reused by the run)."""
+
+    source: Source
+    speed: Speed
+    minimum_s: float
+
+
+def _check_budget(cfg: Config, started: float) -> Preflight:
+    """Refuse a ``train.time`` too short for the cache plus one epoch and the predictions of each fold."""
+    source = load_source(cfg.data)
+    precision = resolve_precision(cfg.train.precision, cfg.train.accelerator)
+    speed = probe_speed(cfg, source.task, source, precision)
+    budget = Budget(cfg.train.time, started, speed, cfg.train.epochs)
+    wanted = _wanted(cfg)
+    n, k = len(source.train), cfg.split.folds
+    n_test = 0 if source.test is None else len(source.test)
+    models = [(n - n // k, n // k, n_test)] * len(wanted) + ([(n, 0, n_test)] if cfg.train.final_fit != "off" else [])
+    minimum = budget.minimum(time.time() - started, cache_seconds(source, cfg, speed), models)
+    if cfg.train.time < minimum:
+        what = f"{len(wanted)} fold(s)" + (" and the final fit" if cfg.train.final_fit != "off" else "")
+        raise ConfigError(
+            f"train.time={cfg.train.time:g}s is too short: the cache and one epoch of each of {what} need at least "
+            f"{math.ceil(minimum)}s on this machine; give train.time={math.ceil(minimum * 1.5)}s or more, or train fewer folds (train.folds=[0])"
+        )
+    return Preflight(source, speed, minimum)
+
+
+def _wanted(cfg: Config) -> list[int]:
+    return cfg.train.folds if cfg.train.folds is not None else list(range(cfg.split.folds))
 
 
 def _start(cfg: Config, run_dir: Path) -> RunInfo:
@@ -192,6 +233,8 @@ def _run(
     run_dir: Path,
     rank0: bool,
     fold_callbacks: Callable[[int], Sequence[Callback]] | None = None,
+    started: float | None = None,
+    preflight: Preflight | None = None,
 ) -> RunResult | None:
     """The run's life: start (or resume), folds, outputs, run.json.
 
@@ -199,10 +242,12 @@ def _run(
     resumed. A run that was already done keeps its run.json until the new state is done too:
     re-running it (more folds, moved data) never hides finished results behind "failed".
     """
+    clock = time.time() if started is None else started
     started = time.time()
     previous = _start(cfg, run_dir) if rank0 else RunInfo()
     was_done = previous.done
     spent_before = float(previous.duration_s or 0.0)
+    budget: Budget | None = None
     info: dict[str, Any] = {
         "name": run_dir.name,
         "status": "running",
@@ -219,21 +264,34 @@ def _run(
     def record(status: str, **extra: Any) -> None:
         nonlocal info
         if rank0 and not (was_done and status != "done"):
+            if budget is not None:
+                extra["time_budget"] = budget.to_dict(budget.spent_before + time.time() - clock)
             info = _write_status(run_dir, info, status, duration_s=spent_before + time.time() - started, **extra)
 
     record("running")
     precision = resolve_precision(cfg.train.precision, cfg.train.accelerator)
-    wanted = cfg.train.folds if cfg.train.folds is not None else list(range(cfg.split.folds))
+    wanted = _wanted(cfg)
     if rank0:
+        length = (
+            f"within {cfg.train.time:g}s (train.time; at most {cfg.train.epochs} epochs each)"
+            if cfg.train.time is not None
+            else f"x {cfg.train.epochs} epochs"
+        )
         console.print(
             f"[bold]{run_dir.name}[/]: {cfg.model.name} {cfg.data.image_size[0]}x{cfg.data.image_size[1]}, "
-            f"{len(wanted)} fold(s) x {cfg.train.epochs} epochs, precision {precision} -> {run_dir}"
+            f"{len(wanted)} fold(s) {length}, precision {precision} -> {run_dir}"
         )
     try:
-        source = load_source(cfg.data)
+        source = preflight.source if preflight is not None else load_source(cfg.data)
         check_recipes(cfg, source)
         info.update(task=source.task.to_dict(), classes=source.task.classes, submission_format=source.test_format)
+        if cfg.train.time is not None:
+            budget = _open_budget(cfg, source, precision, clock, previous.get("time_budget"), preflight)
+            budget.record = lambda: record("running")
+        caching = time.time()
         source, train_cache, test_cache = prepare_caches(source, cfg, verbose=rank0)
+        if budget is not None and budget.cache_s is None:
+            budget.cache_s = time.time() - caching
         folds = _folds(source, cfg, run_dir, rank0)
         pending = [k for k in wanted if k not in RunDir(run_dir).folds()]
         final_pending = cfg.train.final_fit != "off" and not RunDir(run_dir).final_done()
@@ -257,11 +315,12 @@ def _run(
                 console.print(f"  resuming (folds {', '.join(map(str, done))} already done)")
             record("running")
         ctx = FitContext(fit_cfg, source, train_cache, test_cache, run_dir, precision, rank0, pseudo)
-        for k in pending:
-            fit_fold(ctx, folds, k, fold_callbacks(k) if fold_callbacks else ())
+        for i, k in enumerate(pending):
+            left = len(pending) - i + final_pending  # models still to fit, this one included
+            fit_fold(ctx, folds, k, fold_callbacks(k) if fold_callbacks else (), budget, left)
             record("running")
         if final_pending:
-            fit_final(ctx)
+            fit_final(ctx, budget)
         if not rank0:
             return None
         cv = _write_outputs(run_dir, source, test_cache, cfg.train.final_fit)
@@ -319,6 +378,31 @@ def _group_persons(
     return record
 
 
+def _open_budget(
+    cfg: Config,
+    source: Source,
+    precision: str,
+    clock: float,
+    previous: dict[str, Any] | None,
+    preflight: Preflight | None,
+) -> Budget:
+    """The run's Budget: new (speed from the preflight probe), or resumed from run.json's time_budget,
+    whose plans it keeps and whose time already spent it counts."""
+    assert cfg.train.time is not None
+    if preflight is not None:
+        speed = preflight.speed
+    elif previous and previous.get("probe_s"):
+        speed = Speed(**previous["probe_s"])
+    else:  # a DDP worker, or a run that had no budget before
+        speed = probe_speed(cfg, source.task, source, precision)
+    budget = Budget(
+        cfg.train.time, clock, speed, cfg.train.epochs, previous, float((previous or {}).get("used_s", 0.0))
+    )
+    if preflight is not None:
+        budget.minimum_s = preflight.minimum_s
+    return budget
+
+
 def _result(run_dir: Path, info: dict[str, Any]) -> RunResult:
     return RunResult(
         info["name"],
@@ -371,14 +455,26 @@ def _folds(source: Source, cfg: Config, run_dir: Path, rank0: bool) -> pd.DataFr
     return folds
 
 
-def fit_fold(ctx: FitContext, folds: pd.DataFrame, k: int, callbacks: Sequence[Callback] = ()) -> None:
-    """Train fold ``k`` (resuming from last.ckpt if present); on rank 0 then write its predictions and metrics.json."""
+def fit_fold(
+    ctx: FitContext,
+    folds: pd.DataFrame,
+    k: int,
+    callbacks: Sequence[Callback] = (),
+    budget: Budget | None = None,
+    models_left: int = 1,
+) -> None:
+    """Train fold ``k`` (resuming from last.ckpt if present); on rank 0 then write its predictions and metrics.json.
+
+    With a ``budget`` (train.time) its epochs are planned in its share of the time left."""
     cfg, train_rows = ctx.cfg, ctx.source.train
     is_val = (folds["fold"] == k).to_numpy()
     job = FitJob(ctx, k, train_rows[~is_val], train_rows[is_val], cfg.seed + k, cfg.train.epochs, callbacks)
+    stop = _plan(job, budget, models_left, cfg.train.epochs)
     result = fit_model(job)
     if result is None:
         return
+    if budget is not None and stop is not None:
+        budget.finish(job.name, result.duration_s, len(result.history), stop.epoch_seconds)
     oof, history = result.oof, result.history
     assert oof is not None  # a validated model always predicts its validation rows
     score = macro_f1(oof["target"].to_numpy(), oof[prob_columns(ctx.source.task.num_classes)].to_numpy().argmax(1))
@@ -400,7 +496,22 @@ def fit_fold(ctx: FitContext, folds: pd.DataFrame, k: int, callbacks: Sequence[C
     )
 
 
-def fit_final(ctx: FitContext) -> None:
+def _plan(job: FitJob, budget: Budget | None, models_left: int, cap: int) -> BudgetStop | None:
+    """train.time: plan ``job``'s epochs in its share of the budget and add the callback that keeps it there."""
+    if budget is None:
+        return None
+    ctx = job.context
+    n_val = 0 if job.val_rows is None else len(job.val_rows)
+    n_test = ctx.test_cache.count if ctx.test_cache is not None else 0
+    stop = budget.start(job.name, len(job.rows), n_val, n_test, models_left, cap)
+    job.epochs = stop.planned
+    job.callbacks = [*job.callbacks, stop]
+    share = budget.models[job.name].get("share_s")
+    job.detail += f", {stop.planned} epochs planned" + (f" for {share:.0f}s of train.time" if share else "")
+    return stop
+
+
+def fit_final(ctx: FitContext, budget: Budget | None = None) -> None:
     """``train.final_fit``: one model on every training person for the folds' median best epoch count.
 
     Nothing is validated (there is no held-out person left); the epoch count comes from the CV.
@@ -418,9 +529,13 @@ def fit_final(ctx: FitContext) -> None:
         epochs,
         detail=f" (every person), {epochs} epochs (the folds' median best)",
     )
+    stop = _plan(job, budget, 1, epochs)
     result = fit_model(job)
     if result is None:
         return
+    if budget is not None and stop is not None:
+        budget.finish(job.name, result.duration_s, stop.epochs_done, stop.epoch_seconds)
+    epochs = (stop.epochs_done or stop.planned) if stop is not None else epochs  # the epochs it trained
     metrics = {
         "mode": cfg.train.final_fit,
         "epochs": epochs,

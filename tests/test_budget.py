@@ -1,0 +1,89 @@
+"""``train.time``: a whole run within a time budget, planned from measured speed."""
+
+import json
+import time
+
+import pytest
+
+from pstage.config import load_config, parse_duration
+from pstage.core.errors import ConfigError
+from tests.conftest import run_cli
+
+TINY = [
+    "data.image_size=[32,24]",
+    "model.name=test_resnet",
+    "split.folds=3",
+    "train.batch_size=32",
+    "optim.lr=0.01",
+    "train.progress=epoch",
+]
+
+
+@pytest.mark.parametrize(
+    ("given", "seconds"),
+    [("15m", 900), ("2h", 7200), ("90s", 90), (90, 90), ("90", 90), ("1h30m", 5400), ("1.5m", 90), (" 2 min ", 120)],
+)
+def test_durations_parse(given, seconds):
+    assert parse_duration(given) == seconds
+    assert load_config(None, {"train": {"time": given}}).train.time == seconds
+
+
+@pytest.mark.parametrize("given", ["soon", "-5s", "0", "15 parsecs", "m", True])
+def test_bad_durations_are_refused(given):
+    with pytest.raises(ConfigError, match=r"config key 'train.time': .*e\.g\. 15m"):
+        load_config(None, {"train": {"time": given}})
+
+
+def _one_line_error(out) -> str:
+    assert out.returncode == 2, (out.stdout[-2000:], out.stderr[-2000:])
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
+    return lines[0]
+
+
+def test_unparseable_budget_is_one_line(demo_root, tmp_path):
+    out = run_cli("train", "--data", str(demo_root), "--runs", str(tmp_path), "--name", "r", "train.time=soon")
+    assert "config key 'train.time'" in _one_line_error(out)
+    assert not (tmp_path / "r").exists()
+
+
+def test_budget_too_small_is_refused_before_the_run_folder_exists(demo_root, tmp_path):
+    out = run_cli("train", "--data", str(demo_root), "--runs", str(tmp_path), "--name", "r", *TINY, "train.time=2s")
+    line = _one_line_error(out)
+    assert "train.time=2s" in line and "at least" in line, line
+    minimum = float(line.split("at least ")[1].split("s")[0])
+    assert minimum > 2, line  # what the run needs, imports and the cache included
+    assert not (tmp_path / "r").exists()
+
+
+def test_budget_is_honoured_and_mostly_used(demo_root, tmp_path):
+    """40 s for the whole command (3 folds, cap 200 epochs): done within 44 s, having used most of
+    it; every fold's LR schedule ran to its end; run.json says planned vs actual."""
+    started = time.perf_counter()
+    out = run_cli(
+        "train", "--data", str(demo_root), "--runs", str(tmp_path), "--name", "b", *TINY,
+        "train.epochs=200", "train.time=40s", timeout=120,
+    )  # fmt: skip
+    took = time.perf_counter() - started
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert took <= 44, f"{took:.1f}s for a 40s budget\n{out.stdout[-3000:]}"
+    assert took >= 28, f"only {took:.1f}s of a 40s budget used\n{out.stdout[-3000:]}"
+    info = json.loads((tmp_path / "b" / "run.json").read_text())
+    budget = info["time_budget"]
+    assert budget["budget_s"] == 40 and budget["epochs_cap"] == 200
+    assert 0 < budget["minimum_s"] < 40 and budget["used_s"] <= 44
+    assert sorted(budget["models"]) == ["fold_0", "fold_1", "fold_2"]
+    finished_schedules = 0
+    for k in range(3):
+        planned = budget["models"][f"fold_{k}"]
+        metrics = json.loads((tmp_path / "b" / f"fold_{k}" / "metrics.json").read_text())
+        history = metrics["history"]
+        assert planned["epochs"] == metrics["epochs_run"] == len(history) >= 2
+        assert planned["seconds"] > 0 and planned["planned_epochs"] >= 1
+        if not planned.get("stopped_mid_epoch"):
+            assert planned["epochs"] == planned["planned_epochs"]
+        if not (planned.get("stopped_mid_epoch") or planned.get("schedule_cut")):
+            # the cosine schedule was set for the planned length: its last epoch ends at min_lr (1e-4)
+            assert history[-1]["lr"] < 1e-3, history
+            finished_schedules += 1
+    assert finished_schedules >= 2, budget  # cutting a schedule short is the exception
