@@ -62,7 +62,7 @@ def test_budget_is_honoured_and_mostly_used(demo_root, tmp_path):
     started = time.perf_counter()
     out = run_cli(
         "train", "--data", str(demo_root), "--runs", str(tmp_path), "--name", "b", *TINY,
-        "train.epochs=200", "train.time=40s", timeout=120,
+        "train.epochs=200", "train.time=40s", "train.min_epochs=2", timeout=120,
     )  # fmt: skip
     took = time.perf_counter() - started
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -87,3 +87,24 @@ def test_budget_is_honoured_and_mostly_used(demo_root, tmp_path):
             assert history[-1]["lr"] < 1e-3, history
             finished_schedules += 1
     assert finished_schedules >= 2, budget  # cutting a schedule short is the exception
+
+
+def test_budget_plans_fewer_folds_when_all_would_learn_little(demo_root, tmp_path):
+    """train.folds unset: a budget that cannot give each of the 3 folds train.min_epochs epochs trains
+    only the first folds that it can (fold 0 here), names that in one line, and records the plan."""
+    out = run_cli(
+        "train", "--data", str(demo_root), "--runs", str(tmp_path), "--name", "f", *TINY,
+        "train.epochs=1000", "train.min_epochs=1000", "train.time=45s", timeout=150,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "holds 1 of the 3 folds" in out.stdout, out.stdout[-3000:]
+    info = json.loads((tmp_path / "f" / "run.json").read_text())
+    assert info["status"] == "done" and info["folds_trained"] == [0]
+    assert info["time_budget"]["folds"] == [0] and list(info["time_budget"]["models"]) == ["fold_0"]
+    assert (tmp_path / "f" / "submission.csv").exists()
+    # the same command again: the plan is kept, the run is already done
+    again = run_cli(
+        "train", "--data", str(demo_root), "--runs", str(tmp_path), "--name", "f", *TINY,
+        "train.epochs=1000", "train.min_epochs=1000", "train.time=45s", timeout=150,
+    )  # fmt: skip
+    assert again.returncode == 0 and "already done" in again.stdout, again.stdout[-2000:] + again.stderr[-2000:]

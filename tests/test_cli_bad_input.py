@@ -4,8 +4,8 @@ Each example is a command line with one culprit (an unknown or ill-typed KEY=VAL
 file, a missing path, a wrong name or choice). Every one must end the same way: exit 2, a single
 ``error:`` line that names the culprit, no traceback, and nothing written in the working folder.
 typer's CliRunner runs the commands in-process, so the ~30 examples per command take seconds.
-Values that typer itself rejects (``--trials abc``) get click's usage message: exit 2, the option
-named, no traceback.
+Values that typer itself rejects (``--trials abc``, an unknown option, a missing argument) are one
+``error:`` line too: exit 2, the option named, no traceback, no usage block.
 """
 
 from __future__ import annotations
@@ -197,6 +197,19 @@ def test_ill_typed_options_exit_2_naming_the_option(sandbox, case, value):
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output and isinstance(result.exception, SystemExit | None)
     assert case[-1] in result.output or "Missing" in result.output or "No such option" in result.output, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "culprit"),
+    [(["train", "--bogus"], "--bogus"), (["ensemble"], "RUN"), (["frob"], "frob"), (["board", "--sort"], "--sort")],
+)
+def test_usage_errors_are_one_line(args, culprit):
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "300"})
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and culprit in lines[0], result.output
 
 
 def _teacher(sandbox: Path) -> None:

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pytest
 
 from tests.conftest import FAST, LEARN, free_port, run_cli
 
@@ -56,10 +55,6 @@ def _node(rank: int, port: int, runs: Path, data: Path, *extra: str) -> subproce
     )  # fmt: skip
 
 
-@pytest.mark.skip(
-    reason="start-up race found in the merged suite: node 1 can write into the run folder before node 0 "
-    "creates run.json, and node 0 then refuses the folder as 'not a pstage run' (issue #15 stays open)"
-)
 def test_two_node_ddp_resumes_after_one_node_is_killed(demo_root, tmp_path):
     """train.num_nodes=2 as two processes on 127.0.0.1 (gloo); SIGKILL node 1 mid-fold, rerun both."""
     run = tmp_path / "two"
@@ -92,3 +87,12 @@ def test_two_node_ddp_resumes_after_one_node_is_killed(demo_root, tmp_path):
     oof = pd.read_csv(run / "oof.csv")
     folds = pd.read_csv(run / "folds.csv")
     assert len(oof) == (folds["fold"] == 0).sum()  # every validation image once across the 2 nodes
+
+
+def test_multi_node_run_needs_one_name(demo_root, tmp_path):
+    """Each node would pick its own time-stamped name: refused before any folder exists."""
+    out = run_cli("train", "--data", str(demo_root), "--runs", str(tmp_path), *FAST, "train.num_nodes=2")
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "train.num_nodes=2" in out.stderr and "--name" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert not any(tmp_path.iterdir())

@@ -15,10 +15,38 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from typer._click.exceptions import ClickException, NoArgsIsHelpError  # typer 0.29 vendors click: no public alias
+from typer.core import TyperGroup
 from rich.markup import escape
+
+
+class OneLineErrors(TyperGroup):
+    """The command group whose usage errors (an unknown option, a missing argument, a bad choice)
+    are one ``error:`` line, exit 2, like every other error, instead of click's usage block and
+    boxed panel. Help (``pstage`` alone, ``--help``) is printed as before."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except NoArgsIsHelpError as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except ClickException as exc:
+            ctx = getattr(exc, "ctx", None)
+            hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+            err.print(f"[bold red]error:[/] {escape(exc.format_message())}{escape(hint)}", soft_wrap=True)
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            err.print("[yellow]aborted[/]")
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
 
 app = typer.Typer(
     name="pstage",
+    cls=OneLineErrors,
     help="Image-classification competitions, stage by stage: eda, train (K-fold CV), predict, board, ensemble, tune, report, export/serve, distill, demo.",
     no_args_is_help=True,
     add_completion=False,

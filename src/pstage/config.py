@@ -242,6 +242,11 @@ class TrainConfig(Section):
         None,
         description="Time budget for the whole `pstage train` command (cache, every fold, the final fit, predictions): 15m, 2h, 90s or seconds; null = off. Epochs per fold are planned from measured speed (at most train.epochs) and the LR schedule set to the planned length; a budget too small for one epoch per fold is refused.",
     )
+    min_epochs: int = Field(
+        2,
+        ge=1,
+        description="With train.time set and train.folds unset (one process): train as many of the split's folds as give each model at least this many epochs (at least fold 0). On facemask (1,500 persons, train.time=15m, 2 CPU cores) all 5 folds x 2-4 epochs scored eval macro F1 0.668 (CV 0.622 on every image) and 2 folds x 7 epochs (min_epochs=6) 0.672 (CV 0.636 on 2/5 of them): a tie, and runs with every fold can be ensembled with each other; a 1-epoch fold learned little (0.43-0.45 val F1, 2 epochs 0.60-0.62).",
+    )
     batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
         64,
         description="Images per step per device. auto: on a GPU the largest batch that fits (a forward/backward probe, doubling from 64, at most 1024 and 1/16 of the training images), with optim.lr scaled by sqrt(batch/64) for adaptive optimizers (AdamW, LAMB, ...) or batch/64 for SGD-like ones; on CPU 64, the measured default. The resolved batch and lr are in run.json.",

@@ -183,7 +183,16 @@ class Budget:
         self._recent: list[dict[str, float]] = [self.rates] if self.rates else []
         self.overhead_s: float | None = measured.get("overhead_s")  # per model, besides its epochs
         self._steady = self.rates is not None
+        self.folds: list[int] | None = previous.get("folds")  # the folds the run trains (planned or given)
+        self.after_images = 0  # images predicted again after the last model (set by train.py)
         self.record: Callable[[], None] = lambda: None
+
+    def reserve(self) -> float:
+        """Seconds kept for the work after the last model: the run's outputs, and the person
+        grouping's second pass over the OOF and test images (``after_images``; 6% of a 15-minute
+        5-fold run on facemask, which overran the budget before it was counted)."""
+        per_image = self.rates["val_image_s"] if self.rates is not None else self.speed.predict_image_s
+        return END_RESERVE_S + self.after_images * per_image
 
     def left(self) -> float:
         return self.deadline - time.time()
@@ -202,7 +211,7 @@ class Budget:
 
     def minimum(self, elapsed: float, cache_s: float, models: list[tuple[int, int, int]]) -> float:
         """Seconds for the cache, then one epoch and the predictions of each (n_train, n_val, n_test) model."""
-        need = elapsed + cache_s + END_RESERVE_S
+        need = elapsed + cache_s + self.reserve()
         for n_train, n_val, n_test in models:
             need += self.epoch_s(n_train, n_val) + self.overhead(n_val + n_test)
         return need
@@ -212,7 +221,7 @@ class Budget:
         entry = self.models.get(name)
         if entry and "planned_epochs" in entry:
             return int(entry["planned_epochs"])
-        share = (self.left() - END_RESERVE_S) / max(1, models_left)
+        share = (self.left() - self.reserve()) / max(1, models_left)
         epoch = self.epoch_s(n_train, n_val)
         epochs = int(max(1, min(cap, (share - self.overhead(n_val + n_test)) // epoch)))
         self.models[name] = {
@@ -230,7 +239,7 @@ class Budget:
         callback that keeps it in its share; ``callback.planned`` is the Trainer's max_epochs."""
         self.plan(name, n_train, n_val, n_test, models_left, cap)
         now, after = time.time(), self.overhead(n_val + n_test)
-        share_end = now + (self.left() - END_RESERVE_S) / max(1, models_left)
+        share_end = now + (self.left() - self.reserve()) / max(1, models_left)
         least_after = (models_left - 1) * (self.epoch_s(n_train, n_val) + after)  # the later models' minimum
         return BudgetStop(
             self,
@@ -239,7 +248,7 @@ class Budget:
             n_val,
             cap,
             soft_deadline=share_end - after,
-            hard_deadline=self.deadline + OVERRUN * self.seconds - END_RESERVE_S - after - least_after,
+            hard_deadline=self.deadline + OVERRUN * self.seconds - self.reserve() - after - least_after,
             first_measurement=self.rates is None,
         )
 
@@ -276,6 +285,7 @@ class Budget:
             "minimum_s": None if self.minimum_s is None else round(self.minimum_s, 1),
             "cache_s": None if self.cache_s is None else round(self.cache_s, 2),
             "epochs_cap": self.cap,
+            "folds": self.folds,
             "models": self.models,
             "probe_s": asdict(self.speed),  # seconds per image, measured before the first model
             "measured": {"rates": self.rates, "overhead_s": self.overhead_s},

@@ -40,7 +40,7 @@ from pstage.data.datasets import resolve_workers
 from pstage.data.prepare import prepare_caches, resolve_face_crop
 from pstage.data.sources import Source, detect_kind, load_source
 from pstage.data.split import check_folds, make_folds
-from pstage.inference.persons import describe_grouping, group_run
+from pstage.inference.persons import describe_grouping, group_run, resolve_group
 from pstage.inference.predict import blend_final, fold_checkpoints
 from pstage.models.classifier import check_model_name
 from pstage.models.weights import resolve_weights
@@ -150,6 +150,10 @@ def train(
         check_recipe_data(cfg, cfg.data.source if cfg.data.source != "auto" else detect_kind(Path(cfg.data.path)))
     resolve_teacher(cfg, runs)
     rank0 = is_rank_zero()
+    if cfg.train.num_nodes > 1 and not name and not os.environ.get(RUN_NAME_ENV):
+        raise ConfigError(
+            f"train.num_nodes={cfg.train.num_nodes}: give every node the same --name, so they all write one run"
+        )
     name = name or (None if rank0 else os.environ.get(RUN_NAME_ENV)) or default_name(cfg)
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+=-]*", name):
         raise ConfigError(f"run name '{name}': use letters, digits and . _ + = - (it becomes a folder name)")
@@ -162,6 +166,7 @@ def train(
     if cfg.train.time is not None and rank0 and not RunDir(run_dir).has_info():
         preflight = _check_budget(cfg, started)  # a budget too small is refused before the run folder exists
     if not rank0:
+        _wait_for_rank_zero(run_dir)
         _run(cfg, run_dir, rank0=False, fold_callbacks=fold_callbacks, started=started)
         return None
     os.environ[RUN_NAME_ENV] = name
@@ -177,26 +182,73 @@ class Preflight:
     source: Source
     speed: Speed
     minimum_s: float
+    folds: list[int]  # the folds this run trains (train.folds, or as many as the budget holds)
 
 
 def _check_budget(cfg: Config, started: float) -> Preflight:
-    """Refuse a ``train.time`` too short for the cache plus one epoch and the predictions of each fold."""
+    """Refuse a ``train.time`` too short for the cache plus one epoch and the predictions of each fold;
+    with ``train.folds`` unset, plan how many folds the budget holds (``_plan_folds``)."""
     source = load_source(cfg.data)
     precision = resolve_precision(cfg.train.precision, cfg.train.accelerator)
     speed = probe_speed(cfg, source.task, source, precision)
     budget = Budget(cfg.train.time, started, speed, cfg.train.epochs)
-    wanted = _wanted(cfg)
     n, k = len(source.train), cfg.split.folds
     n_test = 0 if source.test is None else len(source.test)
-    models = [(n - n // k, n // k, n_test)] * len(wanted) + ([(n, 0, n_test)] if cfg.train.final_fit != "off" else [])
-    minimum = budget.minimum(time.time() - started, cache_seconds(source, cfg, speed), models)
+    final = [(n, 0, n_test)] if cfg.train.final_fit != "off" else []
+    cache_s = cache_seconds(source, cfg, speed)
+    fold = (n - n // k, n // k, n_test)
+    wanted = _wanted(cfg)
+    if cfg.train.folds is None and _single_process(cfg):
+        wanted = _plan_folds(cfg, source, budget, time.time() - started, cache_s, fold, final)
+    budget.after_images = _after_images(cfg, source, len(wanted))
+    minimum = budget.minimum(time.time() - started, cache_s, [fold] * len(wanted) + final)
     if cfg.train.time < minimum:
-        what = f"{len(wanted)} fold(s)" + (" and the final fit" if cfg.train.final_fit != "off" else "")
+        what = f"{len(wanted)} fold(s)" + (" and the final fit" if final else "")
         raise ConfigError(
             f"train.time={cfg.train.time:g}s is too short: the cache and one epoch of each of {what} need at least "
-            f"{math.ceil(minimum)}s on this machine; give train.time={math.ceil(minimum * 1.5)}s or more, or train fewer folds (train.folds=[0])"
+            f"{math.ceil(minimum)}s on this machine; give train.time={math.ceil(minimum * 1.5)}s or more"
+            + (", or train fewer folds (train.folds=[0])" if len(wanted) > 1 else "")
         )
-    return Preflight(source, speed, minimum)
+    return Preflight(source, speed, minimum, wanted)
+
+
+def _single_process(cfg: Config) -> bool:
+    """One training process (no DDP): only then may rank 0 alone decide which folds the run trains."""
+    t = cfg.train
+    return t.num_nodes == 1 and t.devices in (1, "1", [0]) and not str(t.strategy).startswith("ddp")
+
+
+def _after_images(cfg: Config, source: Source, n_folds: int) -> int:
+    """Images the person grouping embeds after the last fold (its OOF rows, and the test images
+    once per fold model); 0 when grouping is off or cannot apply."""
+    if source.test is None or not resolve_group(cfg.persons.group, source.task):
+        return 0
+    return round(len(source.train) * n_folds / cfg.split.folds) + len(source.test) * n_folds
+
+
+def _plan_folds(
+    cfg: Config,
+    source: Source,
+    budget: Budget,
+    elapsed: float,
+    cache_s: float,
+    fold: tuple[int, int, int],
+    final: list[tuple[int, int, int]],
+) -> list[int]:
+    """The first m of the split's folds, m as large as gives each model ``train.min_epochs`` epochs
+    (capped by ``train.epochs``) in the budget, at least 1. A budget split into K models of one or
+    two epochs each learns little (issue #12's 300-person row); fewer, longer-trained models win."""
+    n_train, n_val, n_test = fold
+    want = min(cfg.train.min_epochs, cfg.train.epochs)
+    k = cfg.split.folds
+    for m in range(k, 0, -1):
+        models = [fold] * m + final
+        budget.after_images = _after_images(cfg, source, m)
+        spare = cfg.train.time - budget.minimum(elapsed, cache_s, models)  # after one epoch of each
+        extra_epochs = spare / max(1, len(models)) / budget.epoch_s(n_train, n_val)
+        if 1 + extra_epochs >= want:
+            return list(range(m))
+    return [0]
 
 
 def _wanted(cfg: Config) -> list[int]:
@@ -271,7 +323,18 @@ def _run(
     record("running")
     precision = resolve_precision(cfg.train.precision, cfg.train.accelerator)
     wanted = _wanted(cfg)
+    planned = (previous.get("time_budget") or {}).get("folds") if cfg.train.folds is None else None
+    if preflight is not None:
+        wanted = preflight.folds
+    elif planned and cfg.train.time is not None:  # a resumed budgeted run keeps its planned folds
+        wanted = [int(k) for k in planned]
     if rank0:
+        if cfg.train.time is not None and len(wanted) < len(_wanted(cfg)):
+            console.print(
+                f"  train.time={cfg.train.time:g}s holds {len(wanted)} of the {cfg.split.folds} folds with "
+                f"train.min_epochs={cfg.train.min_epochs} epochs each: training fold(s) {', '.join(map(str, wanted))} "
+                "(train.folds=[...] chooses them yourself)"
+            )
         length = (
             f"within {cfg.train.time:g}s (train.time; at most {cfg.train.epochs} epochs each)"
             if cfg.train.time is not None
@@ -287,6 +350,8 @@ def _run(
         info.update(task=source.task.to_dict(), classes=source.task.classes, submission_format=source.test_format)
         if cfg.train.time is not None:
             budget = _open_budget(cfg, source, precision, clock, previous.get("time_budget"), preflight)
+            budget.folds = wanted
+            budget.after_images = _after_images(cfg, source, len(wanted))
             budget.record = lambda: record("running")
         caching = time.time()
         source, train_cache, test_cache = prepare_caches(source, cfg, verbose=rank0)
