@@ -15,9 +15,9 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from typer._click.exceptions import ClickException, NoArgsIsHelpError  # typer 0.29 vendors click: no public alias
 from typer.core import TyperGroup
-from rich.markup import escape
 
 
 class OneLineErrors(TyperGroup):

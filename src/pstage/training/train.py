@@ -251,6 +251,25 @@ def _plan_folds(
     return [0]
 
 
+RANK_ZERO_WAIT_S = float(os.environ.get("PSTAGE_RANK_ZERO_WAIT_S", "600"))
+
+
+def _wait_for_rank_zero(run_dir: Path, timeout: float = RANK_ZERO_WAIT_S) -> None:
+    """A worker of another node waits until rank 0 has started (or re-opened) the run folder.
+
+    Nodes start independently; a worker that wrote into a fresh folder before rank 0 created its
+    run.json would make rank 0 refuse it as "not a pstage run". Processes that Lightning spawns on
+    rank 0's machine start after it, so for them this returns at once."""
+    deadline = time.time() + timeout
+    while not RunDir(run_dir).has_info():
+        if time.time() > deadline:
+            raise RunError(
+                f"{run_dir}: rank 0 did not start this run within {timeout:.0f}s; start node 0 (NODE_RANK=0) "
+                "with the same --runs and --name"
+            )
+        time.sleep(0.2)
+
+
 def _wanted(cfg: Config) -> list[int]:
     return cfg.train.folds if cfg.train.folds is not None else list(range(cfg.split.folds))
 
