@@ -121,7 +121,6 @@ def with_final_fit(run_dir: Path, config: Config, probs: np.ndarray, cache: Cach
     final = run_dir / FINAL_DIR / "model.ckpt"
     if config.train.final_fit == "off" or not RunDir(run_dir).final_done():
         return probs
-    from pstage.inference.predict import blend_final
 
     return blend_final(config.train.final_fit, probs, ensemble_probs([final], cache, config, tta=tta))
 

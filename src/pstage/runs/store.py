@@ -172,7 +172,7 @@ def _failure(uri: str, what: str, exc: BaseException) -> StoreError:
 def _errors() -> tuple[type[BaseException], ...]:
     """The exception types a store conversation can raise (MLflow's and the network's)."""
     from mlflow.exceptions import MlflowException  # heavy: only when a store is used
-    from requests.exceptions import RequestException
+    from requests.exceptions import RequestException  # optional extra [trackers]: requests comes with mlflow
 
     return (MlflowException, RequestException, OSError)
 
