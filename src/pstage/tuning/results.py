@@ -206,9 +206,7 @@ def _plots(study: optuna.Study, out: Path) -> dict[str, Path]:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt  # deferred: after the Agg backend is picked (above)
-        from optuna.visualization import (
-            matplotlib as ovm,  # deferred: imports pyplot, so after the Agg backend is picked
-        )
+        from optuna.visualization import matplotlib as ovm  # deferred: imports pyplot, so after Agg is set
 
         verbosity = optuna.logging.get_verbosity()
         optuna.logging.set_verbosity(optuna.logging.ERROR)  # "no complete trials" notes: the table says it
