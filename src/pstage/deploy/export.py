@@ -17,7 +17,6 @@ Members with different preprocessing (image size, crop) are refused: one graph h
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -36,7 +35,7 @@ import pandas as pd
 
 from pstage.config import Config
 from pstage.core.errors import ConfigError, DataError, RunError
-from pstage.core.io import now, write_json
+from pstage.core.io import now, sha256_file, write_json
 from pstage.core.metrics import cv_scores, prob_columns
 from pstage.core.tasks import Task
 from pstage.data.cache import build_cache
@@ -470,14 +469,6 @@ def export(
     )
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _preprocess_spec(
     plan: Plan,
     model: Any,
@@ -495,7 +486,7 @@ def _preprocess_spec(
         "kind": plan.info.kind,
         "created": now(),
         "files": {"fp32": MODEL_FILE, **({"int8": INT8_FILE} if has_int8 else {})},
-        "sha256": {MODEL_FILE: _sha256(fp32)},
+        "sha256": {MODEL_FILE: sha256_file(fp32)},
         "sizes": sizes,
         "input": {
             "name": "images",
