@@ -38,7 +38,7 @@ from pstage.core.errors import ConfigError, DataError, RunError
 from pstage.core.io import now, sha256_file, write_json
 from pstage.core.metrics import cv_scores, prob_columns
 from pstage.core.tasks import Task
-from pstage.data.cache import build_cache
+from pstage.data.prepare import data_cache
 from pstage.data.sources import load_source
 from pstage.ensembling.methods import METHODS, ClassWeights
 from pstage.runs.rundir import RunDir, RunInfo, RunLock
@@ -250,16 +250,7 @@ def oof_images(plan: Plan, data: str | Path | None = None) -> OOFImages:
         raise DataError(
             f"{path}: image {oof['image_id'][missing].iloc[0]} of {plan.run_dir.name}'s OOF is not in it; pass --data DIR (the data it was trained on)"
         )
-    d = cfg.data
-    cache = build_cache(
-        paths.loc[oof["image_id"]].tolist(),
-        d.image_size,
-        face_crop=d.face_crop,
-        face_margin=d.face_margin,
-        center_crop=d.center_crop,
-        face_detector=d.face_detector,
-        cache_dir=d.cache_dir,
-    )
+    cache = data_cache(paths.loc[oof["image_id"]].tolist(), cfg.data)
     return OOFImages(
         np.asarray(cache.open()),
         oof["image_id"].to_numpy(),

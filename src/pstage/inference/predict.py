@@ -22,9 +22,9 @@ from pstage.core.errors import DataError, RunError
 from pstage.core.io import now, write_csv
 from pstage.core.metrics import cv_scores, prob_columns
 from pstage.core.tasks import Task
-from pstage.data.cache import CacheInfo, build_cache
+from pstage.data.cache import CacheInfo
 from pstage.data.datasets import CachedImages, make_loader
-from pstage.data.prepare import prepare_caches
+from pstage.data.prepare import data_cache, prepare_caches
 from pstage.data.sources import Source, detect_kind, image_table, load_source
 from pstage.inference.persons import group_test
 from pstage.models.checkpoint import load_fold_module
@@ -194,15 +194,7 @@ def predict(
         images, kind, test_format = source.test, "submission", source.test_format
     else:
         images, kind, test_format = image_table(data_path), "predictions", "generic"
-    cache = build_cache(
-        images["path"].tolist(),
-        d.image_size,
-        face_crop=d.face_crop,
-        face_margin=d.face_margin,
-        center_crop=d.center_crop,
-        face_detector=d.face_detector,
-        cache_dir=d.cache_dir,
-    )
+    cache = data_cache(images["path"].tolist(), d)
     if cache.bad and d.on_bad_image == "error":
         path, reason = next(iter(cache.bad.items()))
         raise DataError(
