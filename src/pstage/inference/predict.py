@@ -6,7 +6,6 @@ any folder/CSV of images to a CSV of classes and probabilities.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,13 +16,13 @@ import torch
 import torch.nn.functional as F
 
 from pstage.config import Config, TTAConfig, batch_of
-from pstage.core.devices import autocast_dtype, inference_device, resolve_precision
+from pstage.core.devices import inference_device, resolve_precision
 from pstage.core.errors import DataError, RunError
 from pstage.core.io import now, write_csv
 from pstage.core.metrics import cv_scores, prob_columns
 from pstage.core.tasks import Task
 from pstage.data.cache import CacheInfo
-from pstage.data.datasets import CachedImages, make_loader
+from pstage.data.datasets import inference_batches
 from pstage.data.prepare import data_cache, prepare_caches
 from pstage.data.sources import Source, detect_kind, image_table, load_source
 from pstage.inference.persons import group_test
@@ -73,14 +72,10 @@ def predict_probs(
     """Final-class probabilities (N, C) for cache rows; with ``tta`` averaged over its views."""
     device = device or torch.device("cpu")
     module = module.to(device).eval()
-    dtype = autocast_dtype(precision)
-    loader = make_loader(CachedImages(cache, np.asarray(rows)), batch_size, 0)
     views = tta_views(tta)
     out = []
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
-    with torch.inference_mode(), autocast:
-        for images, _ in loader:
-            images = images.to(device, non_blocking=True)
+    with inference_batches(cache, rows, batch_size, device, precision) as batches:
+        for images in batches:
             total = None
             for scale, flip in views:
                 view = zoom(images, scale)
