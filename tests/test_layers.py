@@ -1,5 +1,6 @@
-"""The house keeps its layers: import-linter's contract holds, and no pstage modules import each
-other in a cycle, counting imports inside functions (they run too, only later)."""
+"""The house keeps its layers: import-linter's contract holds, no pstage modules import each
+other in a cycle, counting imports inside functions (they run too, only later), and every import
+inside a function says why it is there (a heavy dependency kept off a fast path, an optional extra)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import ast
 import shutil
 import subprocess
 import sys
+import tokenize
 from pathlib import Path
 
 import pytest
@@ -92,6 +94,58 @@ def test_no_import_cycle_at_any_depth():
 
 def test_cycle_finder_finds_a_cycle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def unexplained_imports(root: Path) -> list[str]:
+    """``file:line`` of each import inside a function with no comment on its lines or on the line above.
+
+    Imports belong at the top of the module; one inside a function must say why it waits (README "Architecture").
+    """
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        with path.open("rb") as f:
+            comments = {t.start[0] for t in tokenize.tokenize(f.readline) if t.type == tokenize.COMMENT}
+        lines = path.read_text().splitlines()
+        nodes = {
+            node
+            for fn in ast.walk(ast.parse(path.read_text()))
+            if isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef)
+            for node in ast.walk(fn)
+            if isinstance(node, ast.Import | ast.ImportFrom)
+        }
+        for node in sorted(nodes, key=lambda n: n.lineno):
+            own = comments.intersection(range(node.lineno, (node.end_lineno or node.lineno) + 1))
+            above = node.lineno - 1 in comments and lines[node.lineno - 2].lstrip().startswith("#")
+            if not own and not above:
+                found.append(f"{path.relative_to(root.parent)}:{node.lineno}: {lines[node.lineno - 1].strip()}")
+    return found
+
+
+def test_imports_inside_functions_say_why():
+    assert unexplained_imports(SRC / "pstage") == []
+
+
+def test_unexplained_import_finder(tmp_path: Path):
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "m.py").write_text(
+        "import os\n"
+        "def f():\n"
+        "    import json\n"
+        "    import torch  # deferred: keeps torch off --help\n"
+        "    # deferred: the extra\n"
+        "    from x import (\n"
+        "        y,\n"
+        "    )\n"
+        "    s = '# not a comment'; import re\n"
+        "    def g():\n"
+        "        import csv\n"
+    )
+    assert unexplained_imports(pkg) == [  # a '#' inside a string is no comment; nested functions count
+        "pkg/m.py:3: import json",
+        "pkg/m.py:9: s = '# not a comment'; import re",
+        "pkg/m.py:11: import csv",
+    ]
 
 
 def test_layers_contract_kept():

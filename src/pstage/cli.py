@@ -44,6 +44,10 @@ class OneLineErrors(TyperGroup):
         sys.exit(code if isinstance(code, int) else 0)
 
 
+from pstage import __version__
+from pstage.core.console import console
+from pstage.core.errors import PstageError
+
 app = typer.Typer(
     name="pstage",
     cls=OneLineErrors,
@@ -64,8 +68,6 @@ def friendly(command: Callable[..., Any] | None = None, *, say_interrupted: bool
     def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(command)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            from pstage.core.errors import PstageError
-
             try:
                 return command(*args, **kwargs)
             except PstageError as exc:
@@ -82,7 +84,7 @@ def friendly(command: Callable[..., Any] | None = None, *, say_interrupted: bool
 
 
 def _print_result(result: Any) -> None:
-    from pstage.report.summary import print_run
+    from pstage.report.summary import print_run  # deferred: keeps pandas off pstage --help
 
     print_run(result.path)
 
@@ -96,7 +98,7 @@ def _store_option() -> Any:
 
 def _checked_store(store: str | None) -> str | None:
     """A malformed store address stops at once (before any training); None means no store."""
-    from pstage.runs.store import store_uri
+    from pstage.runs.store import store_uri  # deferred: keeps pandas off pstage --help
 
     return store_uri(store)
 
@@ -105,9 +107,8 @@ def _publish_after(path: Path, store: str | None, checkpoints: bool = False) -> 
     """Publish a finished run; a store that is down is one warning line, never a failed command."""
     if not store:
         return
-    from rich.markup import escape
 
-    from pstage.runs.store import StoreError, masked, publish
+    from pstage.runs.store import StoreError, masked, publish  # deferred: keeps pandas off pstage --help
 
     try:
         done = publish(path, store, checkpoints=checkpoints)
@@ -124,7 +125,7 @@ def _publish_after(path: Path, store: str | None, checkpoints: bool = False) -> 
 
 def _on_demand(run: str, runs: Path, store: str | None, checkpoints: bool = True) -> str:
     """RUN as a local folder, pulled from the store first when it is only there."""
-    from pstage.runs.store import locate
+    from pstage.runs.store import locate  # deferred: keeps pandas off pstage --help
 
     return locate(run, runs, _checked_store(store), checkpoints=checkpoints, say=lambda line: err.print(line))
 
@@ -153,11 +154,11 @@ def train(
     ),
 ) -> None:
     """Train a K-fold cross-validated run: OOF + test probabilities, submission.csv, run.json."""
-    from pstage.config import load_config
+    from pstage.config import load_config  # deferred: keeps pydantic off pstage --help
 
     store = _checked_store(store)
     resolved = load_config(config, overrides or [])  # config errors answer before torch is imported
-    from pstage.training.train import train as train_run
+    from pstage.training.train import train as train_run  # deferred: keeps torch off pstage --help
 
     result = train_run(resolved, data=data, runs=runs, name=name, started=STARTED)
     if result is not None:  # None in non-zero DDP ranks
@@ -181,10 +182,10 @@ def predict(
     store: str | None = _store_option(),
 ) -> None:
     """Predict with a finished run's fold models (a teammate's published run is pulled first)."""
-    from pstage.runs.rundir import resolve_run
+    from pstage.runs.rundir import resolve_run  # deferred: keeps pandas off pstage --help
 
     run_dir = resolve_run(_on_demand(run, runs, store), runs)  # a wrong name answers before torch is imported
-    from pstage.inference.predict import predict as predict_run
+    from pstage.inference.predict import predict as predict_run  # deferred: keeps torch off pstage --help
 
     result = predict_run(run_dir, data, runs=runs, tta=tta, out=out)
     for problem in result.skipped:
@@ -214,8 +215,7 @@ def board(
     store: str | None = _store_option(),
 ) -> None:
     """List finished runs, best CV first (unfinished or broken run folders are listed as skipped)."""
-    from pstage.core.console import console
-    from pstage.report.board import board_html, board_table, load_board
+    from pstage.report.board import board_html, board_table, load_board  # deferred: keeps pandas off pstage --help
 
     store = _checked_store(store)
     if runs is None:  # ./runs by default; with a store, only if there is one
@@ -239,7 +239,7 @@ def push(
     runs: Path = typer.Option(Path("runs"), "--runs", help="Folder holding run directories."),
 ) -> None:
     """Publish a finished run to the team store (again: only what changed; completes an interrupted publish)."""
-    from pstage.runs.store import publish
+    from pstage.runs.store import publish  # deferred: keeps pandas off pstage --help
 
     done = publish(run, _checked_store(store) or "", runs_dir=runs, checkpoints=with_checkpoints)
     what = "unchanged" if done.unchanged else f"{done.uploaded} file(s) uploaded"
@@ -257,7 +257,7 @@ def pull(
     runs: Path = typer.Option(Path("runs"), "--runs", help="Local runs folder; the run lands in RUNS/<user>/<name>."),
 ) -> None:
     """Copy a teammate's published run into the local runs folder (checksummed, resumable, cached)."""
-    from pstage.runs.store import pull as pull_run
+    from pstage.runs.store import pull as pull_run  # deferred: keeps pandas off pstage --help
 
     path, fetched = pull_run(run, _checked_store(store) or "", runs, checkpoints=with_checkpoints)
     print(f"{path} ({fetched} file(s) downloaded)" if fetched else f"{path} (up to date)")
@@ -289,8 +289,8 @@ def ensemble(
     With --store, members that are not in --runs are pulled from the team store (user/name or a
     name), and the ensemble is published there.
     """
-    from pstage.ensembling.ensemble import ensemble as make_ensemble
-    from pstage.report.summary import print_ensemble
+    from pstage.ensembling.ensemble import ensemble as make_ensemble  # deferred: keeps pandas off pstage --help
+    from pstage.report.summary import print_ensemble  # deferred: keeps pandas off pstage --help
 
     located = [_on_demand(m, runs, store, checkpoints=False) for m in members]
     result = make_ensemble(
@@ -308,10 +308,10 @@ def eda(
     config: Path | None = typer.Option(None, "--config", "-c", help="YAML config (age thresholds, face margin)."),
 ) -> None:
     """Write an HTML page of the data: counts, ages, sizes, samples, near-duplicates, face crops."""
-    from pstage.config import load_config
+    from pstage.config import load_config  # deferred: keeps pydantic off pstage --help
 
     load_config(config, [])  # config errors answer before the heavy imports
-    from pstage.report.eda import eda as run_eda
+    from pstage.report.eda import eda as run_eda  # deferred: keeps pandas off pstage --help
 
     result = run_eda(data, out, config=config)
     for problem in result.problems[:3]:
@@ -344,11 +344,11 @@ def report(
     store: str | None = _store_option(),
 ) -> None:
     """Write RUN/report.html: CV per fold, curves, confusion matrices, per-class F1, mistakes with Grad-CAM."""
-    from pstage.runs.rundir import Run, resolve_run
+    from pstage.runs.rundir import Run, resolve_run  # deferred: keeps pandas off pstage --help
 
     run_dir = resolve_run(_on_demand(run, runs, store), runs)
     if relabel is not None:
-        from pstage.report.audit import relabel as make_overrides
+        from pstage.report.audit import relabel as make_overrides  # deferred: keeps pandas off pstage --help
 
         loaded = Run(run_dir)
         path, count = make_overrides(loaded, relabel, loaded.task)
@@ -357,7 +357,7 @@ def report(
             f"train with them: pstage train --config {run_dir / 'config.yaml'} --name {loaded.name}-relabel data.relabel={path}"
         )
         return
-    from pstage.report.report import report as run_report
+    from pstage.report.report import report as run_report  # deferred: keeps pandas off pstage --help
 
     result = run_report(run_dir, runs=runs, audit=audit, out=out)
     if result.audit is not None:
@@ -372,7 +372,7 @@ def demo(
     quick: bool = typer.Option(False, "--quick", help="A much smaller, faster demo (for tests and smoke checks)."),
 ) -> None:
     """Generate a demo competition dataset, train two runs, TTA, ensemble, board, EDA and report pages."""
-    from pstage.demo import run_demo
+    from pstage.demo import run_demo  # deferred: keeps pandas and OpenCV off pstage --help
 
     run_demo(out, quick=quick)
 
@@ -417,11 +417,11 @@ def tune_command(
     store: str | None = _store_option(),
 ) -> None:
     """Search hyper-parameters (tune.space) with Optuna; every completed trial is a normal run."""
-    from pstage.config import load_config
+    from pstage.config import load_config  # deferred: keeps pydantic off pstage --help
 
     store = None if show else _checked_store(store)
     resolved = load_config(config, overrides or [])  # config errors answer before torch is imported
-    from pstage.tuning.tune import tune as run_tune
+    from pstage.tuning.tune import tune as run_tune  # deferred: keeps pandas and Optuna off pstage --help
 
     result = run_tune(
         resolved,
@@ -435,7 +435,7 @@ def tune_command(
         show=show,
     )
     if store and result is not None:  # every finished trial run of the study
-        from pstage.runs.rundir import RunDir
+        from pstage.runs.rundir import RunDir  # deferred: keeps pandas off pstage --help
 
         for trial in sorted(runs.glob(f"{result.study}-[0-9]*/run.json")):
             if RunDir(trial.parent).read_info().done:
@@ -451,7 +451,7 @@ def show_config(
     config: Path | None = typer.Option(None, "--config", "-c", help="YAML config file."),
 ) -> None:
     """Print the resolved config (defaults + file + overrides), each key with what it does."""
-    from pstage.config import annotated_yaml, load_config
+    from pstage.config import annotated_yaml, load_config  # deferred: keeps pydantic off pstage --help
 
     print(annotated_yaml(load_config(config, overrides or [])), end="")
 
@@ -477,10 +477,10 @@ def export_command(
     store: str | None = _store_option(),
 ) -> None:
     """Export a run (all fold models) or an ensemble (with its weights) to one ONNX graph + preprocess.json."""
-    from pstage.runs.rundir import resolve_run
+    from pstage.runs.rundir import resolve_run  # deferred: keeps pandas off pstage --help
 
     run_dir = resolve_run(_on_demand(run, runs, store), runs)  # a wrong name answers before torch is imported
-    from pstage.deploy.export import export
+    from pstage.deploy.export import export  # deferred: keeps pandas off pstage --help
 
     result = export(run_dir, runs=runs, format=format, int8=int8, data=data, out=out, score=score or None)
     size = result.sizes.get("model.onnx", 0) / 2**20
@@ -516,14 +516,14 @@ def serve_command(
     store: str | None = _store_option(),
 ) -> None:
     """Serve a run over HTTP: POST /predict, GET /health, GET /model, docs at /docs."""
-    from pstage.runs.rundir import resolve_run
+    from pstage.runs.rundir import resolve_run  # deferred: keeps pandas off pstage --help
 
     run = _on_demand(run, runs, store)
     resolve_run(run, runs)
-    from pstage.deploy.export import require
+    from pstage.deploy.export import require  # deferred: keeps pandas off pstage --help
 
     require("fastapi", "uvicorn", "multipart", "onnxruntime")
-    from pstage.deploy.serve import Limits, serve
+    from pstage.deploy.serve import Limits, serve  # deferred: keeps FastAPI and pandas off pstage --help
 
     limits = Limits(int(max_body_mb * 2**20), int(max_file_mb * 2**20), max_pixels, max_images)
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
@@ -560,11 +560,11 @@ def distill_command(
     store: str | None = _store_option(),
 ) -> None:
     """Train one student run on a teacher's (ensemble's) OOF soft labels, on the teacher's exact split."""
-    from pstage.runs.rundir import resolve_run
+    from pstage.runs.rundir import resolve_run  # deferred: keeps pandas off pstage --help
 
     store = _checked_store(store)
     resolve_run(teacher, runs)
-    from pstage.distillation import distill
+    from pstage.distillation import distill  # deferred: keeps pandas off pstage --help
 
     result = distill(
         teacher, name=name, data=data, runs=runs, overrides=overrides or [], temperature=temperature, alpha=alpha
@@ -581,8 +581,6 @@ def distill_command(
 @app.command()
 def version() -> None:
     """Print pstage's version."""
-    from pstage import __version__
-
     print(__version__)
 
 

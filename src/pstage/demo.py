@@ -18,6 +18,13 @@ from pstage.core.console import console
 from pstage.core.errors import ConfigError
 from pstage.core.metrics import macro_f1
 from pstage.data.synthetic import TRUTH_FILE, make_demo_data
+from pstage.ensembling.ensemble import ensemble
+from pstage.inference.predict import predict
+from pstage.report.board import board_table, load_board
+from pstage.report.eda import eda
+from pstage.report.report import report
+from pstage.report.summary import print_ensemble
+from pstage.training.train import train
 
 
 @dataclass(frozen=True)
@@ -80,14 +87,6 @@ def score_on_truth(run_dir: Path, truth: pd.DataFrame) -> dict[str, float]:
 
 def run_demo(out: str | Path = "demo", quick: bool = False) -> DemoResult:
     """Generate data, train two runs, predict with TTA, ensemble, and print the board; returns what it made."""
-    from pstage.ensembling.ensemble import ensemble
-    from pstage.inference.predict import predict
-    from pstage.report.board import board_table, load_board
-    from pstage.report.eda import eda
-    from pstage.report.report import report
-    from pstage.report.summary import print_ensemble
-    from pstage.training.train import train
-
     plan = QUICK if quick else FULL
     out = Path(out).expanduser().resolve()
     blocker = next((p for p in (out, *out.parents) if p.exists()), None)

@@ -24,11 +24,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from pstage.config import Config, load_config
 from pstage.core.errors import ConfigError, RunError
+from pstage.data.sources import load_source
+from pstage.deploy.export import build_model, plan_export
 from pstage.runs.rundir import RunDir, RunInfo
 from pstage.training.teacher import read_table
+from pstage.training.train import train
 
 
 @dataclass
@@ -47,10 +51,6 @@ class DistillResult:
 
 def images_per_second(run: str | Path, runs: str | Path = "runs", batch: int = 64, rounds: int = 3) -> float:
     """Eager PyTorch CPU throughput of a run or ensemble as served (every fold model of every member)."""
-    import torch
-
-    from pstage.deploy.export import build_model, plan_export
-
     plan = plan_export(run, runs)
     model = build_model(plan)
     height, width = plan.preprocess["image_size"]
@@ -81,9 +81,6 @@ def distill(
     The student starts from the teacher's (first member's) config, so ``overrides`` need only say
     what changes (``model.name=resnet18``); its data is the teacher's unless ``data`` is given.
     """
-    from pstage.deploy.export import plan_export
-    from pstage.training.train import train
-
     teacher_run = RunDir.find(teacher, runs)
     teacher_dir, info, teacher_name = teacher_run.path, teacher_run.info, teacher_run.name
     if not info.done:
@@ -143,8 +140,6 @@ def distill(
 
 def _check_classes(cfg: Config, data: str | Path | None, info: RunInfo, teacher: str) -> None:
     """The student's data must give the teacher's classes (same task, same age thresholds)."""
-    from pstage.data.sources import load_source
-
     d = cfg.data.model_copy(update={"path": str(Path(data).expanduser().resolve())}) if data else cfg.data
     classes = load_source(d).task.classes
     teacher_classes = info.classes or []

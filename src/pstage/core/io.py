@@ -4,6 +4,7 @@ so a crash leaves either the old file or the new one, never half of one."""
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import os
 import uuid
@@ -40,6 +41,15 @@ def write_csv(path: str | Path, frame: pd.DataFrame, float_format: str | None = 
     tmp = _tmp(path)
     frame.to_csv(tmp, index=False, float_format=float_format)
     os.replace(tmp, path)
+
+
+def sha256_file(path: str | Path) -> str:
+    """The file's sha256 hex digest, read 1 MiB at a time (checkpoints and ONNX graphs can be large)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def read_json(path: str | Path) -> dict[str, Any]:

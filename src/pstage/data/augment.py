@@ -7,6 +7,7 @@ training step on normalised tensors and mixes the (soft) targets with the same w
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import os
 from typing import Any
@@ -63,8 +64,6 @@ def _transform(index: int, spec: Any) -> A.BasicTransform:
     params = params or {}
     cls = getattr(A, str(name), None)
     if not (inspect.isclass(cls) and issubclass(cls, A.BasicTransform)):
-        import difflib
-
         names = [n for n in dir(A) if inspect.isclass(getattr(A, n)) and issubclass(getattr(A, n), A.BasicTransform)]
         near = difflib.get_close_matches(str(name), names, n=1)
         hint = f"; did you mean {near[0]}?" if near else " (see albumentations.ai/docs for names)"

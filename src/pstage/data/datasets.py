@@ -6,7 +6,9 @@ until the model normalises them, which keeps the loader's share of a CPU step sm
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from pstage.config import Config, batch_of  # noqa: E402
+from pstage.core.devices import autocast_dtype  # noqa: E402
 from pstage.data.cache import open_images  # noqa: E402
 
 
@@ -168,6 +171,19 @@ def make_loader(
         drop_last=drop_last,
         pin_memory=torch.cuda.is_available(),
     )
+
+
+@contextlib.contextmanager
+def inference_batches(
+    cache: str | Path, rows: Sequence[int] | np.ndarray, batch_size: int, device: torch.device, precision: str
+) -> Iterator[Iterator[torch.Tensor]]:
+    """The cache rows, in order, as uint8 NHWC batches on ``device``; the block runs in inference mode
+    under ``precision``'s autocast. What prediction and embedding (persons.*) share."""
+    dtype = autocast_dtype(precision)
+    loader = make_loader(CachedImages(cache, np.asarray(rows)), batch_size, 0)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+    with torch.inference_mode(), autocast:
+        yield (images.to(device, non_blocking=True) for images, _ in loader)
 
 
 def balanced_sampler(targets: np.ndarray, seed: int) -> WeightedRandomSampler:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -40,6 +41,24 @@ def resolve_face_crop(d: DataConfig) -> DataConfig:
     return d.model_copy(update={"face_crop": bool(crop), "face_detector": detector})
 
 
+def data_cache(paths: Sequence[str], d: DataConfig, progress: Callable[[int], None] | None = None) -> CacheInfo:
+    """``paths`` decoded into the cache with the data config's settings (size, crop, detector, folder).
+
+    The one place that turns ``data.*`` into a cache, so training, predict and export read the same
+    pixels; ``d.face_crop`` must already be resolved (a run's saved config is).
+    """
+    return build_cache(
+        list(paths),
+        d.image_size,
+        face_crop=d.face_crop,
+        face_margin=d.face_margin,
+        center_crop=d.center_crop,
+        face_detector=d.face_detector,
+        cache_dir=d.cache_dir,
+        progress=progress,
+    )
+
+
 def prepare_caches(source: Source, cfg: Config, verbose: bool = True) -> Prepared:
     """Decode train and test images into the cache; handle bad images per ``data.on_bad_image``.
 
@@ -48,13 +67,6 @@ def prepare_caches(source: Source, cfg: Config, verbose: bool = True) -> Prepare
     frame in skip mode (a submission needs every row) and reported.
     """
     d = resolve_face_crop(cfg.data)
-    settings = dict(
-        face_crop=d.face_crop,
-        face_margin=d.face_margin,
-        center_crop=d.center_crop,
-        face_detector=d.face_detector,
-        cache_dir=d.cache_dir,
-    )
     caches = []
     skipped = list(source.skipped)
     for label, table in (("train", source.train), ("test", source.test)):
@@ -64,16 +76,15 @@ def prepare_caches(source: Source, cfg: Config, verbose: bool = True) -> Prepare
         started = time.time()
         if verbose and len(table) > 500:
             with console.status(f"decoding {len(table):,} {label} images into the cache ...") as status:
-                cache = build_cache(
+                cache = data_cache(
                     table["path"].tolist(),
-                    d.image_size,
-                    **settings,
+                    d,
                     progress=lambda n, s=status, t=len(table), what=label: (
                         n % 200 == 0 and s.update(f"decoding {what} images into the cache: {n:,}/{t:,}")
                     ),
                 )
         else:
-            cache = build_cache(table["path"].tolist(), d.image_size, **settings)
+            cache = data_cache(table["path"].tolist(), d)
         if verbose:
             what = f"decoded in {time.time() - started:.1f}s" if cache.decoded else "reused, 0 decoded"
             faces = (

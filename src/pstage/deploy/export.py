@@ -17,7 +17,8 @@ Members with different preprocessing (image size, crop) are refused: one graph h
 
 from __future__ import annotations
 
-import hashlib
+import importlib.util
+import json
 import os
 import shutil
 import time
@@ -29,13 +30,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnxruntime as ort
 import pandas as pd
 
 from pstage.config import Config
 from pstage.core.errors import ConfigError, DataError, RunError
-from pstage.core.io import now, write_json
+from pstage.core.io import now, sha256_file, write_json
 from pstage.core.metrics import cv_scores, prob_columns
 from pstage.core.tasks import Task
+from pstage.data.prepare import data_cache
+from pstage.data.sources import load_source
 from pstage.ensembling.methods import METHODS, ClassWeights
 from pstage.runs.rundir import RunDir, RunInfo, RunLock
 
@@ -92,8 +96,6 @@ class Plan:
 
 def require(*modules: str) -> None:
     """A one-line ConfigError when the serve extra (onnx, onnxruntime, fastapi, ...) is not installed."""
-    import importlib.util
-
     missing = [m for m in modules if importlib.util.find_spec(m) is None]
     if missing:
         raise ConfigError(f"{', '.join(missing)} not installed: pip install 'pstage[serve]'")
@@ -156,9 +158,10 @@ def plan_export(run: str | Path, runs_dir: str | Path = "runs") -> Plan:
 
 def build_model(plan: Plan) -> Any:
     """The whole plan as one eval-mode torch module: uint8 NHWC -> (probs (N, C), fold_probs (N, K, C))."""
-    import torch
-    from torch import nn
+    import torch  # deferred: the ONNX serve path imports this module and runs without torch
+    from torch import nn  # deferred: the ONNX serve path imports this module and runs without torch
 
+    # deferred: imports torch, which the ONNX serve path does without
     from pstage.models.checkpoint import load_fold_module
 
     num_classes = plan.task.num_classes
@@ -233,9 +236,6 @@ class OOFImages:
 
 def oof_images(plan: Plan, data: str | Path | None = None) -> OOFImages:
     """Decode (through the shared cache) every image of the run's oof.csv with the run's settings."""
-    from pstage.data.cache import build_cache
-    from pstage.data.sources import load_source
-
     cfg = plan.config
     path = Path(data).expanduser().resolve() if data else (Path(cfg.data.path) if cfg.data.path else None)
     if path is None or not path.exists():
@@ -250,16 +250,7 @@ def oof_images(plan: Plan, data: str | Path | None = None) -> OOFImages:
         raise DataError(
             f"{path}: image {oof['image_id'][missing].iloc[0]} of {plan.run_dir.name}'s OOF is not in it; pass --data DIR (the data it was trained on)"
         )
-    d = cfg.data
-    cache = build_cache(
-        paths.loc[oof["image_id"]].tolist(),
-        d.image_size,
-        face_crop=d.face_crop,
-        face_margin=d.face_margin,
-        center_crop=d.center_crop,
-        face_detector=d.face_detector,
-        cache_dir=d.cache_dir,
-    )
+    cache = data_cache(paths.loc[oof["image_id"]].tolist(), cfg.data)
     return OOFImages(
         np.asarray(cache.open()),
         oof["image_id"].to_numpy(),
@@ -297,8 +288,6 @@ def oof_score(probs: np.ndarray, oof: OOFImages, task: Task) -> dict[str, Any]:
 
 def ort_session(path: str | Path, threads: int = 0) -> Any:
     """An ONNX Runtime CPU session (``threads`` 0: its default, one per core)."""
-    import onnxruntime as ort
-
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.log_severity_level = 3
@@ -316,7 +305,10 @@ def _quantize(fp32: Path, int8: Path, calibration: np.ndarray, work: Path) -> No
     Static rather than dynamic: dynamic quantization leaves convolutions' activations in float
     (ConvInteger is slow or missing on CPU), so a CNN gets little from it.
     """
+    # optional extra [serve]: onnxruntime.quantization imports onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    # optional extra [serve]: as above
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     class Reader(CalibrationDataReader):
@@ -379,8 +371,8 @@ def export(
     the training data: the run's own ``data.path`` or ``data``); ``score`` forces or skips that.
     """
     require("onnx", "onnxruntime")
-    import onnx
-    import torch
+    import onnx  # optional extra [serve]: require() above says how to install it
+    import torch  # deferred: the ONNX serve path imports this module and runs without torch
 
     started = time.time()
     if format not in FORMATS:
@@ -468,14 +460,6 @@ def export(
     )
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _preprocess_spec(
     plan: Plan,
     model: Any,
@@ -493,7 +477,7 @@ def _preprocess_spec(
         "kind": plan.info.kind,
         "created": now(),
         "files": {"fp32": MODEL_FILE, **({"int8": INT8_FILE} if has_int8 else {})},
-        "sha256": {MODEL_FILE: _sha256(fp32)},
+        "sha256": {MODEL_FILE: sha256_file(fp32)},
         "sizes": sizes,
         "input": {
             "name": "images",
@@ -532,8 +516,6 @@ def _preprocess_spec(
 
 def read_preprocess(export_dir: Path) -> dict[str, Any]:
     """The preprocess.json of an export folder, or a RunError saying how to make one."""
-    import json
-
     path = export_dir / PREPROCESS_FILE
     try:
         return json.loads(path.read_text())

@@ -25,6 +25,7 @@ import io
 import json
 import queue
 import secrets
+import socket
 import threading
 import time
 import warnings
@@ -35,14 +36,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
+import uvicorn
 from fastapi import FastAPI, File, HTTPException, Security, UploadFile
 from fastapi.security import APIKeyHeader
+from PIL import Image
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from pstage.core.errors import ConfigError, RunError
-from pstage.deploy.export import EXPORT_DIR, INT8_FILE, MODEL_FILE, read_preprocess
+from pstage.data.cache import _truncated, prepare  # the training cache's own checks and crop/resize
+from pstage.deploy.export import (
+    EXPORT_DIR,
+    INT8_FILE,
+    MODEL_FILE,
+    build_model,
+    ort_session,
+    plan_export,
+    read_preprocess,
+)
 from pstage.runs.rundir import RunDir, RunInfo
 
 BACKENDS = ("auto", "onnx", "int8", "pytorch")
@@ -92,8 +105,6 @@ def load_served(run: str | Path, runs: str | Path = "runs", backend: str = "auto
     if backend == "auto":
         backend = "onnx" if (export_dir / MODEL_FILE).exists() else "pytorch"
     if backend in ("onnx", "int8"):
-        from pstage.deploy.export import ort_session
-
         file = export_dir / (INT8_FILE if backend == "int8" else MODEL_FILE)
         if not file.exists():
             flag = " --int8" if backend == "int8" else ""
@@ -118,9 +129,7 @@ def load_served(run: str | Path, runs: str | Path = "runs", backend: str = "auto
             task["class_to_head"],
             {"members": spec["members"], "exported": spec["created"], "oof_macro_f1": spec.get("oof_macro_f1")},
         )
-    import torch
-
-    from pstage.deploy.export import build_model, plan_export
+    import torch  # deferred: the ONNX backends serve without torch
 
     if threads:
         torch.set_num_threads(threads)
@@ -188,11 +197,6 @@ def read_image(data: bytes, name: str, preprocess: dict[str, Any], limits: Limit
     The header is read first (Pillow, no pixel decoded) so an image whose pixel count exceeds
     ``limits.max_pixels`` is refused before OpenCV allocates it.
     """
-    import cv2
-    from PIL import Image
-
-    from pstage.data.cache import _truncated, prepare  # the training cache's own checks and crop/resize
-
     if not data:
         raise ImageRejected(422, f"{name}: empty file")
     if len(data) > limits.max_file_bytes:
@@ -528,11 +532,8 @@ def serve(
     on_ready: Callable[[Served], None] | None = None,
 ) -> None:
     """Serve a run with uvicorn until interrupted (127.0.0.1 unless ``host`` says otherwise)."""
-    import uvicorn
-
     if not 0 < port < 65536:
         raise ConfigError(f"--port {port}: expected 1..65535")
-    import socket
 
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -13,7 +13,6 @@ probabilities. The threshold is chosen on the run's OOF predictions, where perso
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,12 +26,12 @@ from scipy.spatial.distance import pdist
 from sklearn.metrics import adjusted_rand_score
 
 from pstage.config import Config, batch_of
-from pstage.core.devices import autocast_dtype, inference_device, resolve_precision
+from pstage.core.devices import inference_device, resolve_precision
 from pstage.core.errors import ConfigError
 from pstage.core.io import write_csv
 from pstage.core.metrics import cv_scores, fold_macro_f1, prob_columns
 from pstage.core.tasks import Task
-from pstage.data.datasets import CachedImages, make_loader
+from pstage.data.datasets import inference_batches
 from pstage.models.checkpoint import load_fold_module
 from pstage.models.module import ClassifierModule
 from pstage.runs.info import RunInfo
@@ -74,13 +73,10 @@ def embed(
     device = device or torch.device("cpu")
     module = module.to(device).eval()
     model = module.model
-    dtype = autocast_dtype(precision)
     out = []
-    loader = make_loader(CachedImages(cache, np.asarray(rows)), batch_size, 0)
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
-    with torch.inference_mode(), autocast:
-        for images, _ in loader:
-            features = model.pool(model.backbone(module._inputs(images.to(device)))).float()
+    with inference_batches(cache, rows, batch_size, device, precision) as batches:
+        for images in batches:
+            features = model.pool(model.backbone(module._inputs(images))).float()
             out.append(torch.nn.functional.normalize(features.flatten(1), dim=1).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 1), np.float32)
 

@@ -6,7 +6,6 @@ any folder/CSV of images to a CSV of classes and probabilities.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,14 +16,14 @@ import torch
 import torch.nn.functional as F
 
 from pstage.config import Config, TTAConfig, batch_of
-from pstage.core.devices import autocast_dtype, inference_device, resolve_precision
+from pstage.core.devices import inference_device, resolve_precision
 from pstage.core.errors import DataError, RunError
 from pstage.core.io import now, write_csv
 from pstage.core.metrics import cv_scores, prob_columns
 from pstage.core.tasks import Task
-from pstage.data.cache import CacheInfo, build_cache
-from pstage.data.datasets import CachedImages, make_loader
-from pstage.data.prepare import prepare_caches
+from pstage.data.cache import CacheInfo
+from pstage.data.datasets import inference_batches
+from pstage.data.prepare import data_cache, prepare_caches
 from pstage.data.sources import Source, detect_kind, image_table, load_source
 from pstage.inference.persons import group_test
 from pstage.models.checkpoint import load_fold_module
@@ -73,14 +72,10 @@ def predict_probs(
     """Final-class probabilities (N, C) for cache rows; with ``tta`` averaged over its views."""
     device = device or torch.device("cpu")
     module = module.to(device).eval()
-    dtype = autocast_dtype(precision)
-    loader = make_loader(CachedImages(cache, np.asarray(rows)), batch_size, 0)
     views = tta_views(tta)
     out = []
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
-    with torch.inference_mode(), autocast:
-        for images, _ in loader:
-            images = images.to(device, non_blocking=True)
+    with inference_batches(cache, rows, batch_size, device, precision) as batches:
+        for images in batches:
             total = None
             for scale, flip in views:
                 view = zoom(images, scale)
@@ -121,7 +116,6 @@ def with_final_fit(run_dir: Path, config: Config, probs: np.ndarray, cache: Cach
     final = run_dir / FINAL_DIR / "model.ckpt"
     if config.train.final_fit == "off" or not RunDir(run_dir).final_done():
         return probs
-    from pstage.inference.predict import blend_final
 
     return blend_final(config.train.final_fit, probs, ensemble_probs([final], cache, config, tta=tta))
 
@@ -195,15 +189,7 @@ def predict(
         images, kind, test_format = source.test, "submission", source.test_format
     else:
         images, kind, test_format = image_table(data_path), "predictions", "generic"
-    cache = build_cache(
-        images["path"].tolist(),
-        d.image_size,
-        face_crop=d.face_crop,
-        face_margin=d.face_margin,
-        center_crop=d.center_crop,
-        face_detector=d.face_detector,
-        cache_dir=d.cache_dir,
-    )
+    cache = data_cache(images["path"].tolist(), d)
     if cache.bad and d.on_bad_image == "error":
         path, reason = next(iter(cache.bad.items()))
         raise DataError(

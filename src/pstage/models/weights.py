@@ -32,6 +32,11 @@ import pstage.core.compat  # noqa: F401
 
 import timm
 import torch
+from huggingface_hub import constants, get_session, hf_hub_download, try_to_load_from_cache
+from huggingface_hub.errors import EntryNotFoundError
+from safetensors.torch import load_file
+from timm.models import get_pretrained_cfg
+from timm.models._hub import hf_split
 from torch import nn
 
 from pstage.core.console import console
@@ -133,9 +138,6 @@ def _packaged(name: str) -> tuple[PackagedWeights, Path] | None:
 
 def _hub_files(name: str) -> tuple[str, str | None, list[str]] | None:
     """(repo, revision, candidate filenames) of timm's hub weights for ``name``, or None if timm has none."""
-    from timm.models import get_pretrained_cfg
-    from timm.models._hub import hf_split
-
     try:
         cfg = get_pretrained_cfg(name)
     except RuntimeError:  # a tag timm does not know
@@ -150,8 +152,6 @@ def _hub_files(name: str) -> tuple[str, str | None, list[str]] | None:
 
 def _hub_reachable() -> str | None:
     """None when the hub answers within PROBE_S seconds, else why not (offline mode, no answer, error)."""
-    from huggingface_hub import constants, get_session
-
     if constants.HF_HUB_OFFLINE:
         return "HF_HUB_OFFLINE=1"
     outcome: list[str | None] = []
@@ -173,9 +173,6 @@ def _hub_reachable() -> str | None:
 
 def _from_hub(name: str, download: bool) -> tuple[WeightsPlan | None, str]:
     """timm's weights from the HF cache, else (``download``) from the hub; (None, why not) when neither."""
-    from huggingface_hub import hf_hub_download, try_to_load_from_cache
-    from huggingface_hub.errors import EntryNotFoundError
-
     found = _hub_files(name)
     if found is None:
         return None, f"timm has no pretrained weights for {name}"
@@ -212,8 +209,6 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         )
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
             state: Any = load_file(str(path), device="cpu")
         else:
             try:

@@ -17,12 +17,16 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from cleanlab.filter import find_label_issues
+from cleanlab.rank import get_label_quality_scores
 
 from pstage.core.io import write_csv
 from pstage.core.metrics import prob_columns
 from pstage.core.tasks import Task
 from pstage.data.relabel import check_relabel, read_relabel
+from pstage.data.sources import load_source
 from pstage.report.pages import table, tiles
+from pstage.report.pictures import training_images
 from pstage.runs.rundir import Run
 
 GRID = 24
@@ -40,9 +44,6 @@ class AuditResult:
 
 def rank_label_issues(targets: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(indices of likely label issues, most likely first; label quality per image in [0, 1])."""
-    from cleanlab.filter import find_label_issues
-    from cleanlab.rank import get_label_quality_scores
-
     probs = probs / probs.sum(1, keepdims=True)
     quality = get_label_quality_scores(targets, probs, method="self_confidence")
     present = np.unique(targets)
@@ -106,8 +107,6 @@ def audit(run: Run, task: Task, oof: pd.DataFrame, pictures: tuple[Any, pd.Serie
     write_csv(folder / "persons.csv", persons)
     write_csv(folder / "corrections.csv", _corrections(task, suspects, persons, mask_task))
     if pictures is None:
-        from pstage.report.pictures import training_images
-
         try:
             pictures = training_images(run)
         except Exception as exc:  # the audit tables stand without pictures (e.g. data moved away)
@@ -220,8 +219,6 @@ def _html(
 
 def relabel(run: Run, corrections: str | Path, task: Task) -> tuple[Path, int]:
     """Check a corrections CSV against the run's data and write ``<run>/audit/relabel.csv`` for data.relabel."""
-    from pstage.data.sources import load_source
-
     path = Path(corrections)
     frame = read_relabel(path)
     config = run.load_config()

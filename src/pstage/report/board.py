@@ -20,6 +20,7 @@ from pstage.core.errors import ConfigError
 from pstage.core.io import write_text
 from pstage.runs.info import parse_run_info
 from pstage.runs.rundir import RUN_FILE, RunDir, RunInfo, RunInfoError
+from pstage.runs.store import list_runs, masked, run_uid
 
 # Sort keys: column and whether bigger comes first.
 SORTS = {
@@ -93,8 +94,6 @@ def _problem(run_dir: Path) -> tuple[RunInfo | None, str | None]:
 
 def _store_rows(store: str, local_uids: set[str]) -> list[dict[str, Any]]:
     """The team store's published runs as board rows (named user/name), minus those listed locally."""
-    from pstage.runs.store import list_runs, masked
-
     rows = []
     for stored in list_runs(store):
         try:
@@ -121,8 +120,6 @@ def load_board(
     ``contains`` filters by substring of name, model or user. A run both local and published is
     listed once, as the local folder.
     """
-    from pstage.runs.store import run_uid
-
     folders = [runs] if isinstance(runs, str | Path) else list(runs)
     if sort.lstrip("-") not in SORTS:
         raise ConfigError(f"--sort {sort}: expected one of {', '.join(SORTS)}")

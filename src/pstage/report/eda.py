@@ -15,8 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import imagehash
 import numpy as np
 import pandas as pd
+from PIL import Image
 
 from pstage.config import Config, load_config
 from pstage.core.tasks import MASK_NAMES
@@ -49,9 +51,6 @@ class EdaResult:
 
 def perceptual_hashes(paths: list[str]) -> np.ndarray:
     """64-bit pHash per image (0 for unreadable ones), decoding JPEGs at reduced size for speed."""
-    import imagehash
-    from PIL import Image
-
     out = np.zeros(len(paths), dtype=np.uint64)
     for i, path in enumerate(paths):
         try:
@@ -80,8 +79,6 @@ def near_duplicates(hashes: np.ndarray, groups: np.ndarray, max_bits: int = DUPL
 
 def _image_headers(paths: list[str]) -> pd.DataFrame:
     """Size and real format of each file from its header (no decoding)."""
-    from PIL import Image
-
     rows = []
     for path in paths:
         suffix = Path(path).suffix.lower()

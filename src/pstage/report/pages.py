@@ -38,7 +38,7 @@ img.fig{max-width:100%;height:auto}
 
 def figure(fig: Any, alt: str) -> str:
     """A matplotlib figure as an embedded PNG (and closed, so pages of many plots stay light)."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: pyplot only after new_figure has picked the off-screen Agg backend
 
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
@@ -49,10 +49,10 @@ def figure(fig: Any, alt: str) -> str:
 
 def new_figure(width: float = 6.0, height: float = 3.5, ncols: int = 1) -> tuple[Any, Any]:
     """A matplotlib figure and its axes, drawn off-screen (Agg)."""
-    import matplotlib
+    import matplotlib  # deferred: the backend is picked per figure, not for whoever imports this module
 
     matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: pyplot only after the Agg backend is picked (the line above)
 
     return plt.subplots(1, ncols, figsize=(width, height))
 

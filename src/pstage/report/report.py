@@ -13,12 +13,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import pandas as pd
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import precision_recall_fscore_support
 
 from pstage.core.errors import RunError
 from pstage.core.metrics import prob_columns
 from pstage.core.tasks import Task
+from pstage.models.checkpoint import load_fold_module
+from pstage.report.audit import audit as run_audit
 from pstage.report.pages import figure, new_figure, page, table, tiles
 from pstage.report.pictures import pictures_of
 from pstage.runs.rundir import Run, resolve_run
@@ -99,9 +105,6 @@ def grad_cam(module: Any, images: np.ndarray, classes: list[int]) -> np.ndarray 
     and a tensor hook its gradient; the map is the ReLU of the gradient-weighted channels (Selvaraju et al.).
     None for backbones without a spatial feature map (e.g. vision transformers' tokens).
     """
-    import torch
-    import torch.nn.functional as F
-
     stash: dict[str, torch.Tensor] = {}
 
     def keep(_module: Any, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
@@ -140,8 +143,6 @@ def grad_cam(module: Any, images: np.ndarray, classes: list[int]) -> np.ndarray 
 
 def overlay(image: np.ndarray, heat: np.ndarray, scale: int = 3) -> np.ndarray:
     """The image with a JET heat map blended over it, enlarged ``scale`` times for viewing."""
-    import cv2
-
     coloured = cv2.cvtColor(cv2.applyColorMap((heat * 255).astype(np.uint8), cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
     blended = (0.55 * image + 0.45 * coloured).astype(np.uint8)
     pair = np.concatenate([image, blended], axis=1)
@@ -166,8 +167,6 @@ def _mistakes(
         heat = None
         checkpoint = run.fold_dir(fold) / "best.ckpt"
         if with_cam and checkpoint.exists():
-            from pstage.models.checkpoint import load_fold_module
-
             heat = grad_cam(load_fold_module(checkpoint), pixels, group["pred"].tolist())
             if heat is None:
                 cam_note = "<p>This backbone has no spatial feature map, so no Grad-CAM.</p>"
@@ -187,8 +186,6 @@ def report(
     run: str | Path, *, runs: str | Path = "runs", audit: bool = False, out: str | Path | None = None
 ) -> ReportResult:
     """Write ``report.html`` for a finished run (or ensemble); with ``audit`` add the label audit."""
-    from sklearn.metrics import precision_recall_fscore_support
-
     started = time.time()
     loaded = Run(resolve_run(run, runs))
     if not loaded.info.done:
@@ -255,8 +252,6 @@ def report(
     ]
     found = None
     if audit:
-        from pstage.report.audit import audit as run_audit
-
         found = run_audit(loaded, task, oof, pictures)
         sections.append(("audit", "Label-issue audit", found.html))
     path = page(f"Report: {loaded.name}", f"pstage report {loaded.name}", sections, out or loaded.path / "report.html")

@@ -20,7 +20,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
+import yaml
 
+from pstage import __version__
 from pstage.core.errors import RunError
 from pstage.core.io import read_json, write_json
 from pstage.core.tasks import Task
@@ -87,8 +89,6 @@ def git_sha(cwd: str | Path | None = None) -> str | None:
 
 def provenance() -> dict[str, Any]:
     """Who ran it, where, with which code: the fields teammates need on a shared board."""
-    from pstage import __version__
-
     try:  # $USER first: `USER=ana pstage train` names the teammate even where LOGNAME says otherwise
         user = os.environ.get("USER") or getpass.getuser()
     except (KeyError, OSError):
@@ -260,8 +260,6 @@ class RunDir:
 
     def config(self) -> dict[str, Any]:
         """config.yaml as a dict (as saved)."""
-        import yaml
-
         return yaml.safe_load(self.config_file.read_text())
 
     def load_config(self) -> Config:

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from pstage.core.errors import PstageError, RunError
-from pstage.core.io import read_json, write_json
+from pstage.core.io import read_json, sha256_file, write_json
 from pstage.runs.rundir import RUN_FILE, RunDir, resolve_run
 
 STORE_ENV = "PSTAGE_STORE"
@@ -172,7 +172,7 @@ def _failure(uri: str, what: str, exc: BaseException) -> StoreError:
 def _errors() -> tuple[type[BaseException], ...]:
     """The exception types a store conversation can raise (MLflow's and the network's)."""
     from mlflow.exceptions import MlflowException  # heavy: only when a store is used
-    from requests.exceptions import RequestException
+    from requests.exceptions import RequestException  # optional extra [trackers]: requests comes with mlflow
 
     return (MlflowException, RequestException, OSError)
 
@@ -195,14 +195,6 @@ def run_uid(info: dict[str, Any]) -> str:
 def qualified_name(info: dict[str, Any]) -> str:
     """``user/name``: what a teammate types to pull or ensemble a run."""
     return f"{info.get('user') or 'unknown'}/{info.get('name')}"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def fingerprints(run_dir: Path, info: dict[str, Any]) -> tuple[str, str]:
@@ -238,7 +230,7 @@ def publishable_files(run_dir: Path, checkpoints: bool = False) -> list[str]:
 
 
 def _manifest(run_dir: Path, files: list[str], info: dict[str, Any], checkpoints: bool) -> dict[str, Any]:
-    entries = {rel: {"sha256": _sha256(run_dir / rel), "size": (run_dir / rel).stat().st_size} for rel in files}
+    entries = {rel: {"sha256": sha256_file(run_dir / rel), "size": (run_dir / rel).stat().st_size} for rel in files}
     return {"uid": run_uid(info), "name": qualified_name(info), "checkpoints": checkpoints, "files": entries}
 
 
@@ -598,12 +590,12 @@ def _pull(
     fetched = 0
     for rel in wanted:
         target, entry = dest / rel, entries[rel]
-        if target.is_file() and target.stat().st_size == entry["size"] and _sha256(target) == entry["sha256"]:
+        if target.is_file() and target.stat().st_size == entry["size"] and sha256_file(target) == entry["sha256"]:
             continue
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
         got = Path(client.download_artifacts(stored.run_id, rel, str(partial)))
-        if got.stat().st_size != entry["size"] or _sha256(got) != entry["sha256"]:
+        if got.stat().st_size != entry["size"] or sha256_file(got) != entry["sha256"]:
             raise StoreError(
                 f"{stored.qualified}: {rel} downloaded with the wrong checksum (the store changed or the copy broke); pull again"
             )

@@ -25,6 +25,7 @@ left cannot hold it, and the others are planned in what is left.
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -137,8 +138,6 @@ def _decode_seconds(source: Source, cfg: Config, sample: int = 4) -> float:
 
 def cache_seconds(source: Source, cfg: Config, speed: Speed) -> float:
     """The expected time to build the caches this run needs (0 when they are already built)."""
-    import os
-
     d = cfg.data
     todo = 0
     for table in (source.train, source.test):

@@ -38,9 +38,11 @@ from pstage.inference.predict import predict_probs
 from pstage.models.checkpoint import load_fold_module
 from pstage.models.classifier import head_task
 from pstage.models.losses import balanced_weights
+from pstage.models.module import ClassifierModule
 from pstage.runs.rundir import FINAL_DIR
 from pstage.training.loggers import make_loggers
 from pstage.training.recipes import PseudoLabels, borderline_mask
+from pstage.training.teacher import teacher_probs
 
 
 @dataclass(frozen=True)
@@ -127,8 +129,6 @@ def fit_model(job: FitJob) -> FitResult | None:
 
     The caller writes metrics.json (which marks the model done) with ``complete``.
     """
-    from pstage.models.module import ClassifierModule
-
     ctx, cfg = job.context, job.context.cfg
     started = time.time()
     job.directory.mkdir(parents=True, exist_ok=True)
@@ -342,8 +342,6 @@ def class_weights(cfg: Config, source: Source, targets: np.ndarray) -> dict[str,
 
 def teacher_labels(cfg: Config, rows: pd.DataFrame) -> np.ndarray:
     """The distillation teacher's OOF probabilities for ``rows`` (its soft labels)."""
-    from pstage.training.teacher import teacher_probs
-
     return teacher_probs(cfg, rows["image_id"])
 
 

@@ -39,7 +39,7 @@ def csv_logger(cfg: Config, run_dir: Path, fold: Any) -> Any:
 def wandb_logger(cfg: Config, run_dir: Path, fold: Any) -> Any:
     """Weights & Biases (offline with WANDB_MODE=offline), one W&B run per fold grouped by run."""
     import wandb  # noqa: F401  (the optional trackers extra: a missing package is a one-line error)
-    from lightning.pytorch.loggers import WandbLogger
+    from lightning.pytorch.loggers import WandbLogger  # as above: loaded only when asked for
 
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     logger = WandbLogger(
@@ -56,7 +56,7 @@ def wandb_logger(cfg: Config, run_dir: Path, fold: Any) -> Any:
 def mlflow_logger(cfg: Config, run_dir: Path, fold: Any) -> Any:
     """MLflow, by default a SQLite store shared by the runs folder (runs/mlflow.db)."""
     import mlflow  # noqa: F401  (the optional trackers extra: a missing package is a one-line error)
-    from lightning.pytorch.loggers import MLFlowLogger
+    from lightning.pytorch.loggers import MLFlowLogger  # as above: loaded only when asked for
 
     # One SQLite store per runs folder (MLflow 3 refuses its old file store): `mlflow ui
     # --backend-store-uri sqlite:///runs/mlflow.db` then shows every run of the folder.

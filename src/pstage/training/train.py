@@ -27,6 +27,7 @@ import pstage.core.compat  # noqa: F401
 import numpy as np
 import pandas as pd
 from lightning.pytorch.callbacks import Callback
+from timm.optim import list_optimizers
 
 from pstage.config import Config, diff_configs, dump_config, load_config, load_run_config
 from pstage.core.console import console, quiet_lightning
@@ -57,6 +58,7 @@ from pstage.training.recipes import (
     pseudo_labels,
     resolve_teacher,
 )
+from pstage.training.teacher import teacher_folds
 
 RUN_NAME_ENV = "PSTAGE_RUN_NAME"  # passes an auto-generated name to the processes DDP launches
 # Keys that may change between attempts of one run: where things are, how fast, which folds.
@@ -94,8 +96,6 @@ class RunResult:
 
 
 def check_optimizer(name: str) -> None:
-    from timm.optim import list_optimizers
-
     names = list_optimizers()
     if name.lower() not in names:
         near = difflib.get_close_matches(name.lower(), names, n=2)
@@ -526,8 +526,6 @@ def _finished_folds(run_dir: Path) -> list[int]:
 
 def _folds(source: Source, cfg: Config, run_dir: Path, rank0: bool) -> pd.DataFrame:
     if cfg.distill.teacher:  # a student trains on its teacher's exact split
-        from pstage.training.teacher import teacher_folds
-
         folds = teacher_folds(source, cfg)
     else:
         folds = make_folds(source, cfg.split.folds, cfg.split.seed)

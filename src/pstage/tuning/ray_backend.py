@@ -22,12 +22,15 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.trial import TrialState
 from rich.markup import escape
 
-from pstage.config import Config
+from pstage.config import Config, load_config
 from pstage.core.console import console
 from pstage.core.errors import ConfigError, PstageError, RunError
 from pstage.core.io import read_json, write_json
+from pstage.training.train import train
+from pstage.tuning.reporter import CrossFoldReporter
 from pstage.tuning.results import TuneResult, show_study
 from pstage.tuning.space import decode, distributions, trial_config
 from pstage.tuning.study import (
@@ -49,7 +52,7 @@ METRIC = "objective"
 
 def import_ray() -> Any:
     try:
-        import ray
+        import ray  # optional extra [ray]: a missing package is the one-line error below
         from ray import tune  # noqa: F401
         from ray.tune.schedulers import ASHAScheduler  # noqa: F401
         from ray.tune.search.optuna import OptunaSearch  # noqa: F401
@@ -60,18 +63,14 @@ def import_ray() -> Any:
 
 def _report(metrics: dict[str, Any]) -> None:
     try:  # Ray >= 2.41 reports through ray.tune; older versions through ray.train
-        from ray.tune import report
+        from ray.tune import report  # optional extra [ray]: Ray >= 2.41 reports through ray.tune
     except ImportError:
-        from ray.train import report
+        from ray.train import report  # optional extra [ray]: older Ray through ray.train
     report(metrics)
 
 
 def trainable(params: dict[str, Any], *, base: dict[str, Any], runs: str) -> None:
     """One Ray trial: train the run with the sampled values, reporting the running CV value per epoch."""
-    from pstage.config import load_config
-    from pstage.training.train import train
-    from pstage.tuning.reporter import CrossFoldReporter
-
     cfg0 = load_config(base)
     params = dict(params)
     name = params.pop(RUN_KEY)
@@ -91,7 +90,7 @@ def trainable(params: dict[str, Any], *, base: dict[str, Any], runs: str) -> Non
 
 
 def _search_class() -> type:
-    from ray.tune.search.optuna import OptunaSearch
+    from ray.tune.search.optuna import OptunaSearch  # optional extra [ray]: import_ray() has said how to install it
 
     class PstageOptunaSearch(OptunaSearch):
         """OptunaSearch that names each trial's run and records only final results as COMPLETE.
@@ -140,8 +139,7 @@ def tune_ray(
     message, and Ctrl-C marks the running trials failed and re-raises KeyboardInterrupt.
     """
     import_ray()
-    import ray
-    from optuna.trial import TrialState
+    import ray  # optional extra [ray]: import_ray() has said how to install it
 
     runs = runs.resolve()
     study = optuna.create_study(storage=storage, study_name=name, direction="maximize", load_if_exists=True)
@@ -195,14 +193,14 @@ def _fit(
     base: Config, name: str, runs: Path, storage: optuna.storages.BaseStorage, *, samples: int, timeout: float | None
 ) -> Any:
     """One Ray Tune search of ``samples`` trials (ASHA stops the unpromising); returns its ResultGrid."""
-    import ray
-    from ray import tune as rt
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    import ray  # optional extra [ray]: import_ray() has said how to install it
+    from ray import tune as rt  # optional extra [ray]: import_ray() has said how to install it
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler  # optional extra [ray]: as above
 
     try:
-        from ray.tune import RunConfig
+        from ray.tune import RunConfig  # optional extra [ray]: Ray >= 2.41
     except ImportError:  # Ray < 2.41
-        from ray.train import RunConfig
+        from ray.train import RunConfig  # optional extra [ray]: Ray < 2.41
 
     tc = base.tune
     gpus = int(ray.cluster_resources().get("GPU", 0))
@@ -264,8 +262,6 @@ def _cause(error: BaseException | None) -> BaseException | None:
 
 def _check_failures(study: optuna.Study, grid: Any, name: str, runs: Path, worker: str) -> None:
     """Failed trials of one round: the user's input stops the search; crashes go on up to a streak."""
-    from optuna.trial import TrialState
-
     for result in grid:
         if result.error is None:
             continue

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -9,12 +10,15 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import pandas as pd
 import yaml
 from optuna.trial import TrialState
+from rich.table import Table
 
 from pstage.config import Config, TuneConfig, load_config, merge
 from pstage.core.console import console
 from pstage.core.errors import RunError
+from pstage.core.io import write_csv, write_text
 from pstage.tuning.space import decode, nested
 from pstage.tuning.study import BASE_ATTR, masked, open_storage, short_value, trial_counts
 
@@ -106,8 +110,6 @@ def show_study(name: str, url: str, runs: Path, study: optuna.Study | None = Non
 
 
 def _print_table(study: optuna.Study, trials: list[Any], tc: TuneConfig) -> None:
-    from rich.table import Table
-
     complete = sorted(
         (t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: t.value or -math.inf, reverse=True
     )
@@ -140,10 +142,6 @@ def _print_table(study: optuna.Study, trials: list[Any], tc: TuneConfig) -> None
 
 
 def _write_trials(trials: list[Any], path: Path) -> Path:
-    import pandas as pd
-
-    from pstage.core.io import write_csv
-
     rows = []
     for t in trials:
         rows.append(
@@ -163,8 +161,6 @@ def _write_trials(trials: list[Any], path: Path) -> Path:
 
 
 def _write_best(cfg: Config, best: Any, name: str, tc: TuneConfig, path: Path) -> Path:
-    from pstage.core.io import write_text
-
     values = decode(tc.space, best.params)
     folds = f" on folds {tc.folds}" if tc.folds is not None else ""
     header = [
@@ -177,10 +173,6 @@ def _write_best(cfg: Config, best: Any, name: str, tc: TuneConfig, path: Path) -
 
 
 def _importances(study: optuna.Study, n_complete: int, path: Path) -> dict[str, float] | None:
-    import json
-
-    from pstage.core.io import write_text
-
     if n_complete < 2:
         console.print(f"importances: need at least 2 complete trials (have {n_complete})")
         return None
@@ -210,11 +202,11 @@ def _plots(study: optuna.Study, out: Path) -> dict[str, Path]:
     if not any(wanted.values()):
         return files
     try:
-        import matplotlib
+        import matplotlib  # deferred: Agg is picked (below) before pyplot loads, and only for these plots
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from optuna.visualization import matplotlib as ovm
+        import matplotlib.pyplot as plt  # deferred: after the Agg backend is picked (above)
+        from optuna.visualization import matplotlib as ovm  # deferred: imports pyplot, so after Agg is set
 
         verbosity = optuna.logging.get_verbosity()
         optuna.logging.set_verbosity(optuna.logging.ERROR)  # "no complete trials" notes: the table says it
@@ -243,7 +235,7 @@ def _plots(study: optuna.Study, out: Path) -> dict[str, Path]:
     except ImportError:
         pass
     try:
-        import optuna.visualization as ov
+        import optuna.visualization as ov  # fallback: optuna's plotly plots (plotly is not a dependency; ImportError skips them)
 
         ov.plot_optimization_history(study).write_html(out / "history.html")
         files["history"] = out / "history.html"

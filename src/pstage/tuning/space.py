@@ -6,9 +6,13 @@ from typing import Any, get_args
 
 import optuna
 import yaml
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
 from pstage.config import Config, TuneParam, load_config, merge
 from pstage.core.errors import ConfigError
+from pstage.models.classifier import check_model_name
+from pstage.training.names import check_names
+from pstage.training.train import check_optimizer
 
 PRIMITIVE = (type(None), bool, int, float, str)
 
@@ -70,8 +74,6 @@ def suggest(trial: Any, key: str, param: TuneParam) -> Any:
 
 def distributions(space: dict[str, TuneParam]) -> dict[str, optuna.distributions.BaseDistribution]:
     """The space as Optuna distributions (Ray's OptunaSearch, rebuilding trials from Ray results)."""
-    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
-
     out: dict[str, Any] = {}
     for key, param in space.items():
         kind = param_kind(key, param)
@@ -123,10 +125,6 @@ def trial_config(base: Config, values: dict[str, Any]) -> Config:
 
 def check_space(base: Config) -> None:
     """Every bound and choice must be a valid value of its key (and model/optimizer names must exist)."""
-    from pstage.models.classifier import check_model_name
-    from pstage.training.names import check_names
-    from pstage.training.train import check_optimizer
-
     check_names(base)  # registry names (heads, loss, loggers): the config layer cannot check them
     for key, param in base.tune.space.items():
         kind = param_kind(key, param)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import importlib.util
 import os
 import re
 import socket
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import TrialState
 
 from pstage.config import Config, TuneConfig, diff_configs
@@ -96,8 +98,6 @@ def open_storage(url: str, heartbeat: tuple[int, int] = (30, 180)) -> optuna.sto
     """
     try:
         if _is_journal(url):
-            from optuna.storages.journal import JournalFileBackend, JournalStorage
-
             path = Path(url.removeprefix("journal:")).expanduser()
             path.parent.mkdir(parents=True, exist_ok=True)
             return JournalStorage(JournalFileBackend(str(path)))
@@ -135,7 +135,6 @@ def _with_driver(url: str) -> str:
     """
     if not url.startswith("postgresql://"):
         return url
-    import importlib.util
 
     for module, driver in (("psycopg", "psycopg"), ("psycopg2", "psycopg2")):
         if importlib.util.find_spec(module) is not None:

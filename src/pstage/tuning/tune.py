@@ -28,8 +28,11 @@ import optuna
 from optuna.trial import TrialState
 
 from pstage.config import Config, load_config
-from pstage.core.console import console
+from pstage.core.console import console, quiet_lightning
 from pstage.core.errors import ConfigError, DataError, PstageError, RunError
+from pstage.training.train import train
+from pstage.tuning.ray_backend import import_ray, tune_ray
+from pstage.tuning.reporter import CrossFoldReporter
 from pstage.tuning.results import TuneResult, show_study
 from pstage.tuning.space import check_single_process, check_space, suggest, trial_config
 from pstage.tuning.study import (
@@ -80,8 +83,6 @@ def tune(
     if backend not in ("optuna", "ray"):
         raise ConfigError(f"--backend {backend}: expected optuna or ray")
     if backend == "ray" and not show:
-        from pstage.tuning.ray_backend import import_ray
-
         import_ray()  # a missing extra answers first, in one line
     if show:
         base = load_config(config, list(overrides) if not isinstance(overrides, dict) else overrides)
@@ -111,8 +112,6 @@ def tune(
     runs.mkdir(parents=True, exist_ok=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if backend == "ray":
-        from pstage.tuning.ray_backend import tune_ray
-
         return tune_ray(base, name, runs, trials=trials, timeout=timeout, url=url, storage=opened)
     return _tune_optuna(base, name, url, opened, runs, trials, timeout)
 
@@ -126,8 +125,6 @@ def _tune_optuna(
     trials: int,
     timeout: float | None,
 ) -> TuneResult:
-    from pstage.core.console import quiet_lightning
-
     quiet_lightning()
     seed = base.tune.seed if base.tune.seed is not None else base.seed
     try:
@@ -218,9 +215,6 @@ class Objective:
         self.fail_streak = 0
 
     def __call__(self, trial: optuna.Trial) -> float:
-        from pstage.training.train import train
-        from pstage.tuning.reporter import CrossFoldReporter
-
         self.current = trial.number
         trial.set_user_attr("worker", WORKER)
         name = f"{self.study}-{trial.number:03d}"
