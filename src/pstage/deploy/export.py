@@ -38,6 +38,7 @@ from pstage.core.metrics import cv_scores, prob_columns
 from pstage.core.tasks import Task
 from pstage.ensembling.methods import METHODS, ClassWeights
 from pstage.runs.rundir import RunDir, RunInfo, RunLock
+from pstage.runs.store import locate
 
 EXPORT_DIR = "export"
 MODEL_FILE = "model.onnx"
@@ -371,13 +372,19 @@ def export(
     out: str | Path | None = None,
     calibration_images: int = 256,
     score: bool | None = None,
+    store: str | None = None,
 ) -> ExportResult:
     """Export a finished run or ensemble to ``<run>/export/model.onnx`` (+ ``model.int8.onnx``).
 
     Checks the graph against PyTorch on sample images (max |diff| recorded). ``int8`` calibrates
     on ``calibration_images`` training images and scores fp32 and int8 on the run's OOF (needs
     the training data: the run's own ``data.path`` or ``data``); ``score`` forces or skips that.
+    With ``store`` (the team's MLflow server), a run or ensemble that is not local is pulled first,
+    with every member (recursively) and their fold models: a teammate's ensemble exports from an
+    empty runs folder.
     """
+    if store:  # before the heavy imports: a wrong name or store answers at once
+        run = locate(run, runs, store, checkpoints=True)
     require("onnx", "onnxruntime")
     import onnx
     import torch
