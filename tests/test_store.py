@@ -523,7 +523,9 @@ def test_mlflow_ui_shows_the_team_runs(server, team, tmp_path):
             page.goto(f"{server.uri}/#/experiments/{run.info.experiment_id}/runs", wait_until="load", timeout=180_000)
             page.get_by_text("ana/r1").first.wait_for(timeout=180_000)  # training runs view, not the GenAI pages
             page.get_by_text("ben/r2").first.wait_for(timeout=30_000)
-            page.get_by_role("button", name="Columns").click()
+            page.get_by_role(
+                "button", name="Columns"
+            ).first.click()  # the toolbar's; a second one appears in some layouts
             page.get_by_text(re.compile(r"^Metrics \(\d+\)$")).click()  # every metric becomes a column
             page.keyboard.press("Escape")
             page.wait_for_timeout(1000)
