@@ -1,12 +1,15 @@
-"""The team store on a real MLflow tracking server: publish, board, pull, ensemble, failures.
+"""The team store on a real MLflow tracking server: publish, board, pull, ensemble, export, serve, failures.
 
 One `mlflow server` (SQLite backend, served artifacts) runs for the module on 127.0.0.1; each
-"machine" is its own runs folder and USER. Runs are written by hand (random but well-formed OOF
-on a shared split) except one real training, so the module stays cheap.
+"machine" is its own runs folder and USER. Two real tiny trainings (ana's through the CLI, ben's
+through the Python API) are shared by the module; the other runs are written by hand (random but
+well-formed OOF on a shared split), and commands whose output a test does not check are called
+in-process (the API) rather than as a `pstage` subprocess, so the module stays cheap.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -25,6 +28,7 @@ import pandas as pd
 import pytest
 
 from tests.conftest import FAST, run_cli
+from tests.ship_runs import SHIP
 
 mlflow = pytest.importorskip("mlflow")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -85,6 +89,21 @@ def server(tmp_path_factory):
 def machine(user: str) -> dict[str, str]:
     """The environment of a teammate's machine."""
     return {"USER": user, "LOGNAME": user}
+
+
+@contextlib.contextmanager
+def as_user(user: str):
+    """In-process calls as a teammate (run.json's user comes from $USER)."""
+    saved = {k: os.environ.get(k) for k in ("USER", "LOGNAME")}
+    os.environ.update(machine(user))
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def make_run(runs: Path, name: str, user: str, folds: pd.DataFrame, targets: pd.Series, seed: int) -> Path:
@@ -149,21 +168,21 @@ def published(server: Server, name: str, user: str):
 
 @pytest.fixture(scope="module")
 def team(server, demo_root, tmp_path_factory):
-    """ana trains r1 with --store (a real CLI training); ben writes r2 on ana's split and pushes it."""
+    """ana trains r1 with --store --with-checkpoints (the CLI); ben trains r2 with pstage.train(store=...).
+
+    fp32 and no person grouping (tests.ship_runs.SHIP): served predictions match test.csv per image.
+    """
+    import pstage
+
     root = tmp_path_factory.mktemp("team")
     ana = run_cli(
         "train", "--data", str(demo_root), "--runs", str(root / "ana"), "--name", "r1", "--store", server.uri,
-        "--with-checkpoints", *FAST, "split.folds=2", "train.progress=none", env=machine("ana"), timeout=900,
+        "--with-checkpoints", *SHIP, env=machine("ana"), timeout=900,
     )  # fmt: skip
     assert ana.returncode == 0, ana.stdout[-3000:] + ana.stderr[-3000:]
-    r1 = root / "ana" / "r1"
-    oof = pd.read_csv(r1 / "oof.csv", dtype={"image_id": str})
-    folds = pd.read_csv(r1 / "folds.csv", dtype={"image_id": str, "group": str})
-    targets = folds[["image_id"]].merge(oof[["image_id", "target"]], on="image_id")["target"]
-    make_run(root / "ben", "r2", "ben", folds, targets, seed=1)
-    shutil.copyfile(r1 / "test.csv", root / "ben" / "r2" / "test.csv")  # the same test images as ana's
-    ben = run_cli("push", "r2", "--runs", str(root / "ben"), "--store", server.uri, env=machine("ben"))
-    assert ben.returncode == 0, ben.stderr
+    with as_user("ben"):  # the Python API, as in a notebook; published without checkpoints
+        ben = pstage.train(data=demo_root, runs=root / "ben", name="r2", overrides=[*SHIP, "seed=1"], store=server.uri)
+    assert ben is not None and ben.status == "done"
     (root / "cho").mkdir()
     return root, ana, ben
 
@@ -191,6 +210,7 @@ def test_train_publishes_run_json_and_files(server, team):
     assert experiment.name.startswith("pstage-mask-")
     (ben_run,) = published(server, "r2", "ben")
     assert ben_run.info.experiment_id == run.info.experiment_id  # one experiment per competition
+    assert team[2].published == f"{server.uri}/#/experiments/{ben_run.info.experiment_id}/runs/{ben_run.info.run_id}"
 
 
 def test_third_machine_boards_pulls_and_ensembles(server, team, demo_root):
@@ -224,33 +244,96 @@ def test_third_machine_boards_pulls_and_ensembles(server, team, demo_root):
     assert (cho / "runs" / "ana" / "r1" / "fold_0" / "best.ckpt").exists() and (cho / "p.csv").exists()
 
 
+def _eval_images(demo_root: Path, count: int) -> list[tuple[str, bytes]]:
+    names = pd.read_csv(demo_root / "eval" / "info.csv")["ImageID"].iloc[:count]
+    return [(name, (demo_root / "eval" / "images" / name).read_bytes()) for name in names]
+
+
+def _served_equals(served, test_csv: Path, demo_root: Path) -> None:
+    """Three eval photos through the FastAPI app get the probabilities the ensemble wrote to test.csv."""
+    from fastapi.testclient import TestClient
+
+    from pstage.deploy.serve import create_app
+
+    expected = pd.read_csv(test_csv).set_index("image_id")
+    with TestClient(create_app(served)) as client:
+        response = client.post("/predict", files=[("files", image) for image in _eval_images(demo_root, 3)])
+    assert response.status_code == 200, response.text
+    for prediction in response.json()["predictions"]:
+        want = expected.loc[prediction["filename"], [f"p_{i}" for i in range(18)]].to_numpy(dtype=float)
+        np.testing.assert_allclose(prediction["probabilities"], want, atol=1e-4)
+
+
+def test_teammates_ensemble_exports_and_serves_from_an_empty_machine(server, team, demo_root):
+    """ben blends ana's published r1 with his own r2 (the API); dan and eve, with empty runs folders,
+    export and serve ben/duo: the members are pulled on demand, with their fold models."""
+    import pstage
+    from pstage.deploy.serve import load_served
+    from pstage.runs.store import publish
+
+    root = team[0]
+    with as_user("ben"):
+        duo = pstage.ensemble(["ana/r1", "r2"], method="mean", runs_dir=root / "ben", name="duo", store=server.uri)
+    assert duo.published and (root / "ben" / "ana" / "r1" / "oof.csv").exists()
+    (stored,) = published(server, "duo", "ben")
+    assert stored.data.tags["pstage.members"] == "ana/r1,r2"  # r2 is ben's own: a bare name
+    dan = root / "dan"
+    dan.mkdir()
+    # ben published r2 without its fold models: dan's export says what ben must run, and stops
+    refused = run_cli("export", "ben/duo", "--store", server.uri, cwd=dan, env=machine("dan"))
+    lines = refused.stderr.strip().splitlines()
+    assert refused.returncode == 2 and [line for line in lines if line.startswith("error:")] == lines[-1:], lines
+    assert "ben/r2 was published without its fold checkpoints" in lines[-1]
+    assert "pstage push r2 --store URI --with-checkpoints" in lines[-1]
+    assert not (dan / "runs" / "ben" / "r2").exists()
+    # pushing the ensemble with checkpoints publishes its own members' fold models first
+    publish("duo", server.uri, runs_dir=root / "ben", checkpoints=True)
+    (r2,) = published(server, "r2", "ben")
+    assert r2.data.tags["pstage.checkpoints"] == "true"
+    out = run_cli("export", "ben/duo", "--store", server.uri, cwd=dan, env=machine("dan"))
+    assert out.returncode == 0, out.stdout + out.stderr[-3000:]
+    runs = dan / "runs"
+    assert (runs / "ben" / "duo" / "export" / "model.onnx").exists()
+    for member in ("ana/r1", "ben/r2"):  # ben's bare r2 lands beside his ensemble, where it is found
+        assert sorted(p.parent.name for p in (runs / member).glob("fold_*/best.ckpt")) == ["fold_0", "fold_1"]
+    assert "pulled ben/r2 from the store" in out.stderr
+    test_csv = root / "ben" / "duo" / "test.csv"
+    onnx = load_served("ben/duo", runs=runs)  # dan's export serves alone
+    assert onnx.backend == "onnx"
+    _served_equals(onnx, test_csv, demo_root)
+    eve = root / "eve" / "runs"
+    eve.mkdir(parents=True)
+    with_torch = load_served("ben/duo", runs=eve, store=server.uri, backend="pytorch")
+    assert with_torch.backend == "pytorch" and (eve / "ben" / "r2" / "fold_1" / "best.ckpt").exists()
+    _served_equals(with_torch, test_csv, demo_root)
+
+
 def test_pull_is_checksummed_resumable_and_cached(server, team, tmp_path):
+    from pstage.runs.store import pull
+
     first = run_cli("pull", "ana/r1", "--store", server.uri, "--runs", str(tmp_path))
     assert first.returncode == 0, first.stderr
     run = tmp_path / "ana" / "r1"
     assert "file(s) downloaded" in first.stdout and (run / "run.json").exists()
     for name in ("oof.csv", "folds.csv", "test.csv", "config.yaml", "submission.csv"):
         assert (run / name).read_bytes() == (team[0] / "ana" / "r1" / name).read_bytes()
-    again = run_cli("pull", "ana/r1", "--store", server.uri, "--runs", str(tmp_path))
-    assert again.returncode == 0 and "(up to date)" in again.stdout
+    assert pull("ana/r1", server.uri, tmp_path) == (run, 0)  # cached: nothing downloaded
     # an interrupted pull: run.json not there yet, one file damaged: only those two come again
     (run / "run.json").unlink()
     (run / "oof.csv").write_text("damaged")
-    resumed = run_cli("pull", "ana/r1", "--store", server.uri, "--runs", str(tmp_path))
-    assert resumed.returncode == 0 and "(2 file(s) downloaded)" in resumed.stdout, resumed.stdout + resumed.stderr
+    assert pull("ana/r1", server.uri, tmp_path) == (run, 2)
     assert (run / "oof.csv").read_bytes() == (team[0] / "ana" / "r1" / "oof.csv").read_bytes()
 
 
 def test_same_name_from_two_users_stays_distinct(server, split, tmp_path):
+    from pstage.runs.store import publish
+
     folds, targets = split
     for user, seed in (("ana", 3), ("ben", 4)):
-        make_run(tmp_path / user, "r18", user, folds, targets, seed)
-        out = run_cli("push", "r18", "--runs", str(tmp_path / user), "--store", server.uri)
-        assert out.returncode == 0, out.stderr
+        publish(make_run(tmp_path / user, "r18", user, folds, targets, seed), server.uri)
     moved = folds.copy()
     moved.loc[0, "fold"] = (moved.loc[0, "fold"] + 1) % 3  # one photo in another fold
-    make_run(tmp_path / "ben", "other-split", "ben", moved, targets, seed=5)
-    assert run_cli("push", "other-split", "--runs", str(tmp_path / "ben"), "--store", server.uri).returncode == 0
+    publish(make_run(tmp_path / "ben", "other-split", "ben", moved, targets, seed=5), server.uri)
     cho = tmp_path / "cho"
     cho.mkdir()
     ambiguous = run_cli("pull", "r18", "--store", server.uri, cwd=cho)
@@ -266,15 +349,17 @@ def test_same_name_from_two_users_stays_distinct(server, split, tmp_path):
 
 
 def test_republish_updates_one_mlflow_run(server, split, tmp_path):
+    from pstage.runs.store import publish
+
     folds, targets = split
     run = make_run(tmp_path, "again", "dee", folds, targets, seed=6)
-    first = run_cli("push", str(run), "--store", server.uri)
-    assert first.returncode == 0 and "file(s) uploaded" in first.stdout, first.stderr
-    second = run_cli("push", str(run), "--store", server.uri)
-    assert second.returncode == 0 and "(unchanged)" in second.stdout
+    first = run_cli("push", str(run), "--store", server.uri)  # the CLI's line; the API below
+    assert first.returncode == 0 and "published dee/again (6 file(s) uploaded)" in first.stdout, first.stderr
+    second = publish(run, server.uri)
+    assert second.unchanged and second.uploaded == 0
     (run / "report.html").write_text("<!doctype html><title>r</title><p>report</p>")
-    third = run_cli("push", str(run), "--store", server.uri)
-    assert third.returncode == 0 and "(1 file(s) uploaded)" in third.stdout, third.stdout
+    third = publish(run, server.uri)
+    assert not third.unchanged and third.uploaded == 1 and third.run_id == second.run_id
     (stored,) = published(server, "again", "dee")
     assert "report.html" in {a.path for a in store_client(server).list_artifacts(stored.info.run_id)}
 
@@ -304,6 +389,54 @@ def test_bad_or_unreachable_store_is_one_line(server, team, tmp_path):
     assert json.loads((copy / "r1" / "run.json").read_text())["status"] == "done"
     env = run_cli("board", cwd=tmp_path, env={"PSTAGE_STORE": dead})
     assert env.returncode == 2 and "unreachable" in env.stderr
+
+
+def test_tune_publishes_its_trials_and_the_api_board_lists_them(server, demo_root, tmp_path, monkeypatch):
+    """`pstage tune --store`: the finished trial runs are published (kind trial); pstage.board(store=) shows them."""
+    import yaml
+
+    import pstage
+    from pstage.runs.store import StoreError
+
+    config = tmp_path / "lrs.yaml"
+    tiny = {  # tests/test_tune.py's tiniest study: one fold of one epoch per trial
+        "data": {"image_size": [32, 24]}, "model": {"name": "test_resnet"}, "split": {"folds": 2},
+        "train": {"epochs": 1, "batch_size": 32, "progress": "none"}, "optim": {"lr": 0.01}, "log": {"loggers": []},
+        "tune": {"folds": [0], "space": {"optim.lr": [0.01, 0.02]}},
+    }  # fmt: skip
+    config.write_text(yaml.safe_dump(tiny))
+    out = run_cli(
+        "tune", "--config", str(config), "--trials", "1", "--data", str(demo_root), "--runs", str(tmp_path / "fay"),
+        "--store", server.uri, env=machine("fay"), timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "published fay/lrs-000 (" in out.stdout
+    (trial,) = published(server, "lrs-000", "fay")
+    assert trial.data.tags["pstage.kind"] == "trial" and trial.data.tags["pstage.published"]
+    monkeypatch.chdir(tmp_path)  # no ./runs here: the board is the store's alone
+    board = pstage.board(store=server.uri).runs.set_index("name")
+    assert board.loc["fay/lrs-000", "kind"] == "trial" and board.loc["fay/lrs-000", "user"] == "fay"
+    assert board.loc["fay/lrs-000", "cv"] == pytest.approx(trial.data.metrics["cv_macro_f1"])
+    with pytest.raises(StoreError, match="unreachable"):
+        pstage.board(store=f"http://127.0.0.1:{free_port()}")
+
+
+def test_distill_pulls_a_published_teacher_and_publishes_the_student(server, team, tmp_path):
+    """pstage.distill(store=): gus, with an empty runs folder, distils ana's published r1; the student is published."""
+    import pstage
+
+    with as_user("gus"):
+        result = pstage.distill(
+            "ana/r1", name="kid", runs=tmp_path, store=server.uri, measure_speed=False,
+            overrides=["train.epochs=1", "train.progress=none"],
+        )  # fmt: skip
+    assert (tmp_path / "ana" / "r1" / "fold_0" / "best.ckpt").exists()  # pulled with its fold models
+    assert result.student.status == "done" and result.teacher == "r1"
+    (kid,) = published(server, "kid", "gus")
+    assert (
+        kid.data.tags["pstage.published"]
+        and kid.data.tags["pstage.split"] == published(server, "r1", "ana")[0].data.tags["pstage.split"]
+    )  # the student trained on its teacher's split
 
 
 class KillingProxy:
@@ -349,6 +482,9 @@ class KillingProxy:
 
 
 def test_server_killed_mid_publish_leaves_it_unpublished_until_push(server, split, tmp_path):
+    import pstage
+    from pstage.runs.store import StoreError, publish, pull
+
     folds, targets = split
     run = make_run(tmp_path, "half", "eve", folds, targets, seed=7)
     proxy = KillingProxy(server, b"/artifacts/oof.csv HTTP")
@@ -361,15 +497,14 @@ def test_server_killed_mid_publish_leaves_it_unpublished_until_push(server, spli
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
     (stored,) = published(server, "half", "eve")
     assert stored.data.tags["pstage.published"] == ""  # created, some files, never marked published
-    board = run_cli("board", "--store", server.uri, cwd=tmp_path)
-    assert "eve/half" not in board.stdout
-    pull = run_cli("pull", "eve/half", "--store", server.uri, "--runs", str(tmp_path / "other"))
-    assert pull.returncode == 2 and "pstage push half --store" in pull.stderr
-    done = run_cli("push", str(run), "--store", server.uri)
-    assert done.returncode == 0, done.stderr
+    assert "eve/half" not in set(pstage.board([], store=server.uri).runs["name"])
+    with pytest.raises(StoreError, match="publishing never completed.*pstage push half --store"):
+        pull("eve/half", server.uri, tmp_path / "other")
+    done = publish(run, server.uri)
+    assert not done.unchanged and done.uploaded >= 1
     (again,) = published(server, "half", "eve")
     assert again.info.run_id == stored.info.run_id and again.data.tags["pstage.published"]
-    assert "eve/half" in run_cli("board", "--store", server.uri, cwd=tmp_path).stdout
+    assert "eve/half" in set(pstage.board([], store=server.uri).runs["name"])
 
 
 @pytest.mark.skipif(
@@ -388,7 +523,9 @@ def test_mlflow_ui_shows_the_team_runs(server, team, tmp_path):
             page.goto(f"{server.uri}/#/experiments/{run.info.experiment_id}/runs", wait_until="load", timeout=180_000)
             page.get_by_text("ana/r1").first.wait_for(timeout=180_000)  # training runs view, not the GenAI pages
             page.get_by_text("ben/r2").first.wait_for(timeout=30_000)
-            page.get_by_role("button", name="Columns").click()
+            page.get_by_role(
+                "button", name="Columns"
+            ).first.click()  # the toolbar's; a second one appears in some layouts
             page.get_by_text(re.compile(r"^Metrics \(\d+\)$")).click()  # every metric becomes a column
             page.keyboard.press("Escape")
             page.wait_for_timeout(1000)

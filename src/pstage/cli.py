@@ -19,6 +19,10 @@ from rich.markup import escape
 from typer._click.exceptions import ClickException, NoArgsIsHelpError  # typer 0.29 vendors click: no public alias
 from typer.core import TyperGroup
 
+from pstage import __version__
+from pstage.core.console import console
+from pstage.core.errors import PstageError
+
 
 class OneLineErrors(TyperGroup):
     """The command group whose usage errors (an unknown option, a missing argument, a bad choice)
@@ -43,10 +47,6 @@ class OneLineErrors(TyperGroup):
             sys.exit(1)
         sys.exit(code if isinstance(code, int) else 0)
 
-
-from pstage import __version__
-from pstage.core.console import console
-from pstage.core.errors import PstageError
 
 app = typer.Typer(
     name="pstage",
@@ -103,31 +103,16 @@ def _checked_store(store: str | None) -> str | None:
     return store_uri(store)
 
 
-def _publish_after(path: Path, store: str | None, checkpoints: bool = False) -> None:
-    """Publish a finished run; a store that is down is one warning line, never a failed command."""
+def _early(run: str, runs: Path, store: str | None) -> str | None:
+    """Check the store address, and without a store the run's name, before torch is imported.
+
+    With a store the command's function pulls what it needs (``store=``: the API's one code path)."""
+    from pstage.runs.rundir import resolve_run  # deferred: keeps pandas off pstage --help
+
+    store = _checked_store(store)
     if not store:
-        return
-
-    from pstage.runs.store import StoreError, masked, publish  # deferred: keeps pandas off pstage --help
-
-    try:
-        done = publish(path, store, checkpoints=checkpoints)
-    except StoreError as exc:
-        err.print(
-            f"[yellow]not published:[/] {escape(str(exc))}; the run is kept locally, publish it later: "
-            f"pstage push {path} --store {masked(store)}",
-            soft_wrap=True,
-        )
-        return
-    what = "unchanged" if done.unchanged else f"{done.uploaded} file(s) uploaded"
-    print(f"published {done.name} ({what}) -> {done.url}")
-
-
-def _on_demand(run: str, runs: Path, store: str | None, checkpoints: bool = True) -> str:
-    """RUN as a local folder, pulled from the store first when it is only there."""
-    from pstage.runs.store import locate  # deferred: keeps pandas off pstage --help
-
-    return locate(run, runs, _checked_store(store), checkpoints=checkpoints, say=lambda line: err.print(line))
+        resolve_run(run, runs)  # a wrong name answers at once
+    return store
 
 
 @app.command(context_settings={"allow_extra_args": False})
@@ -160,10 +145,11 @@ def train(
     resolved = load_config(config, overrides or [])  # config errors answer before torch is imported
     from pstage.training.train import train as train_run  # deferred: keeps torch off pstage --help
 
-    result = train_run(resolved, data=data, runs=runs, name=name, started=STARTED)
+    result = train_run(
+        resolved, data=data, runs=runs, name=name, started=STARTED, store=store, with_checkpoints=with_checkpoints
+    )
     if result is not None:  # None in non-zero DDP ranks
         _print_result(result)
-        _publish_after(result.path, store, with_checkpoints)
 
 
 @app.command()
@@ -182,12 +168,10 @@ def predict(
     store: str | None = _store_option(),
 ) -> None:
     """Predict with a finished run's fold models (a teammate's published run is pulled first)."""
-    from pstage.runs.rundir import resolve_run  # deferred: keeps pandas off pstage --help
-
-    run_dir = resolve_run(_on_demand(run, runs, store), runs)  # a wrong name answers before torch is imported
+    store = _early(run, runs, store)
     from pstage.inference.predict import predict as predict_run  # deferred: keeps torch off pstage --help
 
-    result = predict_run(run_dir, data, runs=runs, tta=tta, out=out)
+    result = predict_run(run, data, runs=runs, tta=tta, out=out, store=store)
     for problem in result.skipped:
         err.print(f"[yellow]warning:[/] {escape(problem)}")
     what = "submission" if result.kind == "submission" else "predictions"
@@ -217,9 +201,6 @@ def board(
     """List finished runs, best CV first (unfinished or broken run folders are listed as skipped)."""
     from pstage.report.board import board_html, board_table, load_board  # deferred: keeps pandas off pstage --help
 
-    store = _checked_store(store)
-    if runs is None:  # ./runs by default; with a store, only if there is one
-        runs = [Path("runs")] if Path("runs").is_dir() or not store else []
     found = load_board(runs, contains=contains, sort=sort, store=store)
     console.print(board_table(found, title="board"))
     for path, why in found.skipped:
@@ -283,21 +264,33 @@ def ensemble(
     rounds: int = typer.Option(50, "--rounds", help="Hill climbing: selection steps (the best prefix is kept)."),
     runs: Path = typer.Option(Path("runs"), "--runs", help="Folder holding run directories."),
     store: str | None = _store_option(),
+    with_checkpoints: bool = typer.Option(
+        False,
+        "--with-checkpoints",
+        help="With --store: publish the fold checkpoints of the ensemble's own members (teammates can export, serve).",
+    ),
 ) -> None:
     """Blend runs on their OOF predictions; the ensemble is written as a run (board, predict, serve).
 
     With --store, members that are not in --runs are pulled from the team store (user/name or a
-    name), and the ensemble is published there.
+    name), and the ensemble is published there with its own members that are not yet.
     """
     from pstage.ensembling.ensemble import ensemble as make_ensemble  # deferred: keeps pandas off pstage --help
     from pstage.report.summary import print_ensemble  # deferred: keeps pandas off pstage --help
 
-    located = [_on_demand(m, runs, store, checkpoints=False) for m in members]
     result = make_ensemble(
-        located, method=method, name=name, runs_dir=runs, out=out, calibrate=calibrate, tta=tta, rounds=rounds
+        members,
+        method=method,
+        name=name,
+        runs_dir=runs,
+        out=out,
+        calibrate=calibrate,
+        tta=tta,
+        rounds=rounds,
+        store=store,
+        with_checkpoints=with_checkpoints,
     )
     print_ensemble(result)
-    _publish_after(result.path, _checked_store(store))
 
 
 @app.command()
@@ -345,8 +338,9 @@ def report(
 ) -> None:
     """Write RUN/report.html: CV per fold, curves, confusion matrices, per-class F1, mistakes with Grad-CAM."""
     from pstage.runs.rundir import Run, resolve_run  # deferred: keeps pandas off pstage --help
+    from pstage.runs.store import locate  # deferred: keeps pandas off pstage --help
 
-    run_dir = resolve_run(_on_demand(run, runs, store), runs)
+    run_dir = resolve_run(locate(run, runs, store, checkpoints=relabel is None), runs)
     if relabel is not None:
         from pstage.report.audit import relabel as make_overrides  # deferred: keeps pandas off pstage --help
 
@@ -423,7 +417,7 @@ def tune_command(
     resolved = load_config(config, overrides or [])  # config errors answer before torch is imported
     from pstage.tuning.tune import tune as run_tune  # deferred: keeps pandas and Optuna off pstage --help
 
-    result = run_tune(
+    run_tune(
         resolved,
         trials=trials,
         storage=storage,
@@ -433,13 +427,8 @@ def tune_command(
         timeout=timeout,
         backend=backend,
         show=show,
+        store=store,
     )
-    if store and result is not None:  # every finished trial run of the study
-        from pstage.runs.rundir import RunDir  # deferred: keeps pandas off pstage --help
-
-        for trial in sorted(runs.glob(f"{result.study}-[0-9]*/run.json")):
-            if RunDir(trial.parent).read_info().done:
-                _publish_after(trial.parent, store)
 
 
 @app.command("config")
@@ -477,12 +466,10 @@ def export_command(
     store: str | None = _store_option(),
 ) -> None:
     """Export a run (all fold models) or an ensemble (with its weights) to one ONNX graph + preprocess.json."""
-    from pstage.runs.rundir import resolve_run  # deferred: keeps pandas off pstage --help
+    store = _early(run, runs, store)
+    from pstage.deploy.export import export  # deferred: keeps torch off pstage --help
 
-    run_dir = resolve_run(_on_demand(run, runs, store), runs)  # a wrong name answers before torch is imported
-    from pstage.deploy.export import export  # deferred: keeps pandas off pstage --help
-
-    result = export(run_dir, runs=runs, format=format, int8=int8, data=data, out=out, score=score or None)
+    result = export(run, runs=runs, format=format, int8=int8, data=data, out=out, score=score or None, store=store)
     size = result.sizes.get("model.onnx", 0) / 2**20
     print(f"{result.path} ({size:.1f} MiB; max |ONNX - PyTorch| = {result.parity_max_abs_diff:.1e})")
     print(f"{result.preprocess}")
@@ -516,11 +503,8 @@ def serve_command(
     store: str | None = _store_option(),
 ) -> None:
     """Serve a run over HTTP: POST /predict, GET /health, GET /model, docs at /docs."""
-    from pstage.runs.rundir import resolve_run  # deferred: keeps pandas off pstage --help
-
-    run = _on_demand(run, runs, store)
-    resolve_run(run, runs)
-    from pstage.deploy.export import require  # deferred: keeps pandas off pstage --help
+    store = _early(run, runs, store)
+    from pstage.deploy.export import require  # deferred: keeps torch off pstage --help
 
     require("fastapi", "uvicorn", "multipart", "onnxruntime")
     from pstage.deploy.serve import Limits, serve  # deferred: keeps FastAPI and pandas off pstage --help
@@ -542,6 +526,7 @@ def serve_command(
         limits=limits,
         max_batch=max_batch,
         on_ready=ready,
+        store=store,
     )
 
 
@@ -560,17 +545,20 @@ def distill_command(
     store: str | None = _store_option(),
 ) -> None:
     """Train one student run on a teacher's (ensemble's) OOF soft labels, on the teacher's exact split."""
-    from pstage.runs.rundir import resolve_run  # deferred: keeps pandas off pstage --help
-
-    store = _checked_store(store)
-    resolve_run(teacher, runs)
-    from pstage.distillation import distill  # deferred: keeps pandas off pstage --help
+    store = _early(teacher, runs, store)
+    from pstage.distillation import distill  # deferred: keeps torch off pstage --help
 
     result = distill(
-        teacher, name=name, data=data, runs=runs, overrides=overrides or [], temperature=temperature, alpha=alpha
+        teacher,
+        name=name,
+        data=data,
+        runs=runs,
+        overrides=overrides or [],
+        temperature=temperature,
+        alpha=alpha,
+        store=store,
     )
     _print_result(result.student)
-    _publish_after(result.student.path, store)
     print(
         f"teacher {result.teacher} CV {result.teacher_cv:.4f} -> student {result.student.name} CV {result.student_cv:.4f} "
         f"({result.student_cv - result.teacher_cv:+.4f}); speed {result.teacher_ips:,.0f} -> {result.student_ips:,.0f} img/s "

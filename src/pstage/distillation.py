@@ -31,6 +31,7 @@ from pstage.core.errors import ConfigError, RunError
 from pstage.data.sources import load_source
 from pstage.deploy.export import build_model, plan_export
 from pstage.runs.rundir import RunDir, RunInfo
+from pstage.runs.store import locate, publish_after, store_uri
 from pstage.training.teacher import read_table
 from pstage.training.train import train
 
@@ -75,13 +76,17 @@ def distill(
     temperature: float | None = None,
     alpha: float | None = None,
     measure_speed: bool = True,
+    store: str | None = None,
 ) -> DistillResult:
     """Train a student on ``teacher``'s OOF soft labels and split; returns both CVs and speeds.
 
     The student starts from the teacher's (first member's) config, so ``overrides`` need only say
     what changes (``model.name=resnet18``); its data is the teacher's unless ``data`` is given.
+    With ``store`` (the team's MLflow server), a teacher that is only there is pulled (with its
+    members' fold models), and the finished student is published.
     """
-    teacher_run = RunDir.find(teacher, runs)
+    store = store_uri(store)
+    teacher_run = RunDir.find(locate(teacher, runs, store, checkpoints=True) if store else teacher, runs)
     teacher_dir, info, teacher_name = teacher_run.path, teacher_run.info, teacher_run.name
     if not info.done:
         raise RunError(f"{teacher_name}: run is {info.status}; only a finished run can teach")
@@ -133,6 +138,7 @@ def distill(
                 "student_images_per_s": round(speeds[1], 1),
             }
         )
+    publish_after(result.path, store)
     return DistillResult(
         result, teacher_name, teacher_cv, student_cv, speeds[0], speeds[1], cfg.distill.temperature, cfg.distill.alpha
     )

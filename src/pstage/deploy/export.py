@@ -42,6 +42,7 @@ from pstage.data.prepare import data_cache
 from pstage.data.sources import load_source
 from pstage.ensembling.methods import METHODS, ClassWeights
 from pstage.runs.rundir import RunDir, RunInfo, RunLock
+from pstage.runs.store import locate
 
 EXPORT_DIR = "export"
 MODEL_FILE = "model.onnx"
@@ -363,13 +364,19 @@ def export(
     out: str | Path | None = None,
     calibration_images: int = 256,
     score: bool | None = None,
+    store: str | None = None,
 ) -> ExportResult:
     """Export a finished run or ensemble to ``<run>/export/model.onnx`` (+ ``model.int8.onnx``).
 
     Checks the graph against PyTorch on sample images (max |diff| recorded). ``int8`` calibrates
     on ``calibration_images`` training images and scores fp32 and int8 on the run's OOF (needs
     the training data: the run's own ``data.path`` or ``data``); ``score`` forces or skips that.
+    With ``store`` (the team's MLflow server), a run or ensemble that is not local is pulled first,
+    with every member (recursively) and their fold models: a teammate's ensemble exports from an
+    empty runs folder.
     """
+    if store:  # before the heavy imports: a wrong name or store answers at once
+        run = locate(run, runs, store, checkpoints=True)
     require("onnx", "onnxruntime")
     import onnx  # optional extra [serve]: require() above says how to install it
     import torch  # deferred: the ONNX serve path imports this module and runs without torch

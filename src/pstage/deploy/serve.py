@@ -57,6 +57,7 @@ from pstage.deploy.export import (
     read_preprocess,
 )
 from pstage.runs.rundir import RunDir, RunInfo
+from pstage.runs.store import locate
 
 BACKENDS = ("auto", "onnx", "int8", "pytorch")
 OPEN_PATHS = ("/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
@@ -95,10 +96,27 @@ class Served:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def load_served(run: str | Path, runs: str | Path = "runs", backend: str = "auto", threads: int = 0) -> Served:
-    """The run's exported ONNX graph if there is one (``auto``), or the one asked for."""
+def _pull_served(run: str | Path, runs: str | Path, store: str, backend: str) -> str:
+    """The run from the store (or local), with the fold models only if no published export serves it."""
+    path = Path(locate(run, runs, store))
+    wanted = {"auto": MODEL_FILE, "onnx": MODEL_FILE, "int8": INT8_FILE}.get(backend)
+    if wanted is None or not (path / EXPORT_DIR / wanted).is_file():  # PyTorch serving needs every fold model
+        path = Path(locate(path, runs, store, checkpoints=True))
+    return str(path)
+
+
+def load_served(
+    run: str | Path, runs: str | Path = "runs", backend: str = "auto", threads: int = 0, store: str | None = None
+) -> Served:
+    """The run's exported ONNX graph if there is one (``auto``), or the one asked for.
+
+    With ``store`` (the team's MLflow server), a run that is not local is pulled first; its fold
+    models (and an ensemble's members) only when no published ONNX export will serve it.
+    """
     if backend not in BACKENDS:
         raise ConfigError(f"--backend {backend}: expected one of {', '.join(BACKENDS)}")
+    if store:
+        run = _pull_served(run, runs, store, backend)
     found = RunDir.find(run, runs)
     run_dir, info, name = found.path, found.info, found.name
     export_dir = run_dir / EXPORT_DIR
@@ -530,8 +548,12 @@ def serve(
     max_wait_ms: float = 5.0,
     log_level: str = "info",
     on_ready: Callable[[Served], None] | None = None,
+    store: str | None = None,
 ) -> None:
-    """Serve a run with uvicorn until interrupted (127.0.0.1 unless ``host`` says otherwise)."""
+    """Serve a run with uvicorn until interrupted (127.0.0.1 unless ``host`` says otherwise).
+
+    ``store``: a teammate's published run (or ensemble) is pulled first, see ``load_served``."""
+
     if not 0 < port < 65536:
         raise ConfigError(f"--port {port}: expected 1..65535")
 
@@ -543,7 +565,7 @@ def serve(
             raise ConfigError(
                 f"cannot listen on {host}:{port} ({exc.strerror}); pick another --port or --host"
             ) from None
-    served = load_served(run, runs, backend)
+    served = load_served(run, runs, backend, store=store)
     app = create_app(served, api_key=api_key, limits=limits, max_batch=max_batch, max_wait_ms=max_wait_ms)
     if on_ready is not None:
         on_ready(served)

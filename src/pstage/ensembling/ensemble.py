@@ -37,6 +37,7 @@ from pstage.ensembling.methods import (
     nested_predict,
 )
 from pstage.runs.rundir import RunDir, RunInfo, provenance, resolve_run, submission_frame
+from pstage.runs.store import locate, publish_after, store_uri
 
 
 @dataclass
@@ -88,6 +89,7 @@ class EnsembleResult:
     calibration: dict[str, Any] | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
     stacker: dict[str, Any] | None = None
+    published: str | None = None  # the ensemble's address on the team store, when ``store`` published it
 
     @property
     def best_member(self) -> tuple[str, float]:
@@ -223,9 +225,17 @@ def ensemble(
     calibrate: bool = False,
     tta: bool = False,
     rounds: int = 50,
+    store: str | None = None,
+    with_checkpoints: bool = False,
 ) -> EnsembleResult:
-    """Blend finished runs by ``method`` and write the ensemble as a run directory ``runs_dir/name``."""
+    """Blend finished runs by ``method`` and write the ensemble as a run directory ``runs_dir/name``.
+
+    With ``store`` (the team's MLflow server), runs that are not in ``runs_dir`` are pulled from it
+    (``user/name``, or a name only one teammate has) and the ensemble is published there, with
+    its own not-yet-published members (their fold checkpoints too with ``with_checkpoints``).
+    """
     started = time.time()
+    store = store_uri(store)
     METHODS.check(method)
     if len(runs) < 2 and not calibrate:
         raise ConfigError("an ensemble needs at least two runs (or one run with --calibrate)")
@@ -235,6 +245,8 @@ def ensemble(
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+=-]*", name):
         raise ConfigError(f"ensemble name '{name}': use letters, digits and . _ + = - (it becomes a folder name)")
     run_dir = (Path(runs_dir).expanduser() / name).resolve()
+    if store:  # teammates' runs that are only on the store are pulled first (OOF and test tables, no models)
+        runs = [locate(run, runs_dir, store) for run in runs]
     members = load_members(runs, runs_dir, tta=tta)
     if any(m.path == run_dir for m in members.runs):
         raise ConfigError(f"--name {name} is one of the members; pick a new name for the ensemble")
@@ -287,6 +299,8 @@ def ensemble(
         target = Path(out)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(run_dir / "submission.csv", target)
+    done = publish_after(run_dir, store, checkpoints=with_checkpoints, runs_dir=runs_dir)
+    result.published = done.url if done else None
     return result
 
 
@@ -303,6 +317,9 @@ def _write_run(
     run_dir.mkdir(parents=True, exist_ok=True)
     run = RunDir(run_dir)
     with run.lock():
+        # re-blending under the same name keeps the run's identity (its store uid derives from `created`):
+        # publishing it again updates the one published run instead of adding a second with its name
+        created = (run.read_info().created if run.has_info() else None) or now()
         run.info_file.unlink(missing_ok=True)
         for stale in ("test.csv", "submission.csv"):
             (run_dir / stale).unlink(missing_ok=True)
@@ -329,7 +346,7 @@ def _write_run(
             "name": result.name,
             "kind": "ensemble",
             "status": "done",
-            "created": now(),
+            "created": created,
             "finished": now(),
             **provenance(),
             "model": f"{result.method} of {len(members.runs)} runs",

@@ -29,6 +29,7 @@ from pstage.inference.persons import group_test
 from pstage.models.checkpoint import load_fold_module
 from pstage.models.module import ClassifierModule
 from pstage.runs.rundir import FINAL_DIR, RunDir, fold_id, submission_frame
+from pstage.runs.store import locate
 
 
 def zoom(images: torch.Tensor, scale: float) -> torch.Tensor:
@@ -152,15 +153,17 @@ def predict(
     runs: str | Path = "runs",
     tta: bool = False,
     out: str | Path | None = None,
+    store: str | None = None,
 ) -> Prediction:
     """Predict with a finished run's fold models.
 
     On competition data (the run's own by default) this re-creates ``submission.csv``; on any
     other folder or CSV of images it writes a CSV of classes and probabilities per image. With
     ``tta`` on the run's own data the OOF predictions are recomputed with TTA too, so its gain is
-    measured: both CVs are returned and recorded in run.json (``tta``).
+    measured: both CVs are returned and recorded in run.json (``tta``). With ``store`` (the team's
+    MLflow server), a run that is only there is pulled first, with its fold models.
     """
-    rd = RunDir.find(run, runs)
+    rd = RunDir.find(locate(run, runs, store, checkpoints=True) if store else run, runs)
     run_dir, info = rd.path, rd.info
     if info.kind == "ensemble":
         raise RunError(

@@ -20,7 +20,7 @@ from pstage.core.errors import ConfigError
 from pstage.core.io import write_text
 from pstage.runs.info import parse_run_info
 from pstage.runs.rundir import RUN_FILE, RunDir, RunInfo, RunInfoError
-from pstage.runs.store import list_runs, masked, run_uid
+from pstage.runs.store import list_runs, masked, run_uid, store_uri
 
 # Sort keys: column and whether bigger comes first.
 SORTS = {
@@ -109,7 +109,7 @@ def _store_rows(store: str, local_uids: set[str]) -> list[dict[str, Any]]:
 
 
 def load_board(
-    runs: Sequence[str | Path] | str | Path = "runs",
+    runs: Sequence[str | Path] | str | Path | None = None,
     *,
     contains: str | None = None,
     sort: str = "cv",
@@ -117,9 +117,13 @@ def load_board(
 ) -> Board:
     """Collect the finished runs of ``runs`` folders (and of the team ``store``, an MLflow server).
 
-    ``contains`` filters by substring of name, model or user. A run both local and published is
-    listed once, as the local folder.
+    ``runs`` defaults to ./runs; with a ``store``, to ./runs only if there is one (a teammate's
+    machine with no runs of its own still sees the team's). ``contains`` filters by substring of
+    name, model or user. A run both local and published is listed once, as the local folder.
     """
+    store = store_uri(store)  # a malformed address answers before the folders are read
+    if runs is None:
+        runs = ["runs"] if Path("runs").is_dir() or not store else []
     folders = [runs] if isinstance(runs, str | Path) else list(runs)
     if sort.lstrip("-") not in SORTS:
         raise ConfigError(f"--sort {sort}: expected one of {', '.join(SORTS)}")

@@ -28,6 +28,7 @@ from pstage.report.audit import audit as run_audit
 from pstage.report.pages import figure, new_figure, page, table, tiles
 from pstage.report.pictures import pictures_of
 from pstage.runs.rundir import Run, resolve_run
+from pstage.runs.store import locate
 
 MISTAKES = 12
 
@@ -183,9 +184,20 @@ def _mistakes(
 
 
 def report(
-    run: str | Path, *, runs: str | Path = "runs", audit: bool = False, out: str | Path | None = None
+    run: str | Path,
+    *,
+    runs: str | Path = "runs",
+    audit: bool = False,
+    out: str | Path | None = None,
+    store: str | None = None,
 ) -> ReportResult:
-    """Write ``report.html`` for a finished run (or ensemble); with ``audit`` add the label audit."""
+    """Write ``report.html`` for a finished run (or ensemble); with ``audit`` add the label audit.
+
+    ``store``: a teammate's published run is pulled first, with its fold models (for Grad-CAM).
+    """
+    if store:
+        run = locate(run, runs, store, checkpoints=True)
+
     started = time.time()
     loaded = Run(resolve_run(run, runs))
     if not loaded.info.done:

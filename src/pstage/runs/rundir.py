@@ -55,6 +55,7 @@ __all__ = [
     "submission_frame",
 ]
 
+PULLED = ".pstage-store.json"  # in a run pulled from the team store: which store, uid and digest it came from
 FINAL_DIR = "final"  # the final-fit model (train.final_fit); not fold_*: every fold_* consumer keeps its meaning
 _FOLD_DIR = re.compile(r"fold_(\d+)")
 TABLES = ("oof", "test", "folds", "submission", "weights", "oof_tta", "test_tta", "submission_tta")
@@ -282,9 +283,15 @@ class RunDir:
     # --- ensembles ------------------------------------------------------------------------------------
 
     def member(self, record: MemberRecord, runs_dir: str | Path = "runs") -> RunDir:
-        """A member's run folder: the recorded path, else its name under ``runs_dir`` (moved folders)."""
-        if record.path and (Path(record.path) / RUN_FILE).is_file():
+        """A member's run folder: the recorded path (unless the ensemble was pulled from the team store),
+        else beside the ensemble (moved together, or pulled to ``runs/<user>/`` with its owner's own
+        runs), else its name under ``runs_dir``."""
+        pulled = (self.path / PULLED).is_file()  # then record.path is a folder on the teammate's machine
+        if record.path and not pulled and (Path(record.path) / RUN_FILE).is_file():
             return RunDir(Path(record.path).resolve())
+        beside = self.path.parent / record.run
+        if (beside / RUN_FILE).is_file() and beside.resolve() != self.path.resolve():
+            return RunDir(beside.resolve())
         try:
             return RunDir.find(record.run, runs_dir)
         except RunError:

@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 import urllib.error
@@ -37,11 +38,10 @@ from typing import Any
 
 from pstage.core.errors import PstageError, RunError
 from pstage.core.io import read_json, sha256_file, write_json
-from pstage.runs.rundir import RUN_FILE, RunDir, resolve_run
+from pstage.runs.rundir import PULLED, RUN_FILE, RunDir, resolve_run
 
 STORE_ENV = "PSTAGE_STORE"
 MANIFEST = "pstage-manifest.json"
-PULLED = ".pstage-store.json"  # beside a pulled run: which store, uid and manifest digest it came from
 EXPERIMENT_PREFIX = "pstage-"
 # Files a teammate needs to see, compare and ensemble a run (smallest first); run.json goes last.
 OUTPUTS = (
@@ -341,10 +341,31 @@ def publish(
     manifest = _manifest(run_dir, files, info, checkpoints)
     digest = _digest(manifest)
     client = _client(uri)
+    for member in _own_members(RunDir(run_dir), runs_dir):  # first: never an ensemble without its members
+        publish(member.path, uri, runs_dir=runs_dir, checkpoints=checkpoints, progress=progress)
     try:
         return _publish(client, uri, run_dir, info, files, manifest, digest, checkpoints, progress)
     except _errors() as exc:
         raise _failure(uri, f"publishing {qualified_name(info)}", exc) from None
+
+
+def _own_members(run: RunDir, runs_dir: str | Path) -> list[RunDir]:
+    """An ensemble's members made on this machine (not pulled from a store), found locally.
+
+    They are published before the ensemble, so a teammate who sees the ensemble can pull its
+    members too (export, serve, distill need them); pulled members are on the store already.
+    """
+    if run.info.kind != "ensemble":
+        return []
+    found = []
+    for record in run.info.members:
+        try:
+            member = run.member(record, runs_dir)
+        except RunError:
+            continue  # gone from this machine: the ensemble's own tables are still worth sharing
+        if not (member.path / PULLED).is_file() and member.read_info().done:
+            found.append(member)
+    return found
 
 
 # MLflow 3's UI opens an experiment on its GenAI pages unless told it holds model training runs.
@@ -546,6 +567,7 @@ def pull(
     """
     uri = store_uri(uri) or ""
     stored = find(uri, ref)
+    checkpoints = checkpoints and stored.info.get("kind") != "ensemble"  # its members hold the fold models
     if checkpoints and not stored.checkpoints:
         raise StoreError(
             f"{stored.qualified} was published without its fold checkpoints, which this needs; ask "
@@ -613,26 +635,105 @@ def _pull(
     return dest.resolve(), fetched
 
 
+def say_stderr(line: str) -> None:
+    """The default voice of on-demand pulls and publishing: one plain line on stderr (stdout stays the result)."""
+    print(line, file=sys.stderr, flush=True)
+
+
 def locate(
-    run: str,
+    run: str | Path,
     runs_dir: str | Path,
     uri: str | None,
     *,
     checkpoints: bool = False,
-    say: Callable[[str], None] | None = None,
+    say: Callable[[str], None] | None = say_stderr,
 ) -> str:
-    """A run for a command: the local folder if there is one, else pulled from the store on demand."""
+    """A run for a command: the local folder if there is one, else pulled from the store on demand.
+
+    With a store, an ensemble's members (recursively) are pulled too when they are not local, so
+    ``export``, ``serve``, ``predict`` and ``distill`` of a teammate's ensemble work from an empty
+    runs folder; ``checkpoints`` fetches the fold models of every run that takes part.
+    """
+    uri = store_uri(uri)
+    run = str(run)
     try:
         path = resolve_run(run, runs_dir)
     except RunError:
         if not uri:
             raise
+        path = _pull_on_demand(run, runs_dir, uri, checkpoints, say)
     else:
         pulled_without = checkpoints and (path / PULLED).is_file() and not any(path.glob("fold_*/best.ckpt"))
-        if not (pulled_without and uri):
-            return str(path)
-        run = qualified_name(RunDir(path).read_info().record())  # a pulled copy: fetch its checkpoints too
-    path, fetched = pull(run, uri or "", runs_dir, checkpoints=checkpoints)
-    if say:
-        say(f"pulled {run} from the store -> {path}" + ("" if fetched else " (cached)"))
+        if pulled_without and uri and RunDir(path).read_info().kind != "ensemble":
+            # a pulled copy without its fold models: fetch them into it
+            path = _pull_on_demand(qualified_name(RunDir(path).info.record()), runs_dir, uri, checkpoints, say)
+    if uri:
+        _members_on_demand(RunDir(path), runs_dir, uri, checkpoints, say)
     return str(path)
+
+
+def _pull_on_demand(
+    ref: str, runs_dir: str | Path, uri: str, checkpoints: bool, say: Callable[[str], None] | None
+) -> Path:
+    path, fetched = pull(ref, uri, runs_dir, checkpoints=checkpoints)
+    if say:
+        say(f"pulled {ref} from the store -> {path}" + ("" if fetched else " (cached)"))
+    return path
+
+
+def _members_on_demand(
+    run: RunDir, runs_dir: str | Path, uri: str, checkpoints: bool, say: Callable[[str], None] | None
+) -> None:
+    """Pull an ensemble's members that are not local (or lack their fold models), recursively.
+
+    A member recorded by a bare name is the ensemble owner's own run: on the store it is
+    ``<owner>/<name>``, pulled beside the ensemble, where ``RunDir.member`` looks for it.
+    """
+    info = run.read_info()
+    if info.kind != "ensemble" or info.ensemble is None:
+        return
+    owner = info.user or "unknown"
+    for record in info.ensemble.members:
+        # hill climbing may weigh a member 0: export and serve skip it, so its fold models are not needed
+        needs_models = checkpoints and (info.ensemble.stacker is not None or record.weight > 0)
+        try:
+            member = run.member(record, runs_dir)
+        except RunError:
+            ref = record.run if "/" in record.run else f"{owner}/{record.run}"
+            member = RunDir(_pull_on_demand(ref, runs_dir, uri, needs_models, say))
+        else:
+            if needs_models and (member.path / PULLED).is_file() and not any(member.path.glob("fold_*/best.ckpt")):
+                if member.read_info().kind != "ensemble":
+                    ref = qualified_name(member.info.record())
+                    member = RunDir(_pull_on_demand(ref, runs_dir, uri, needs_models, say))
+        _members_on_demand(member, runs_dir, uri, needs_models, say)
+
+
+def publish_after(
+    path: str | Path,
+    uri: str | None,
+    *,
+    checkpoints: bool = False,
+    runs_dir: str | Path = "runs",
+    say: Callable[[str], None] | None = say_stderr,
+) -> Published | None:
+    """Publish a run a command just finished; a store that is down is one warning line, never a failure.
+
+    What ``train``, ``ensemble``, ``tune`` and ``distill`` (API and CLI alike) do with ``store=``.
+    Returns what was published, or None (no store, or the store failed: the run is kept locally).
+    """
+    uri = store_uri(uri)
+    if not uri:
+        return None
+    try:
+        done = publish(path, uri, runs_dir=runs_dir, checkpoints=checkpoints)
+    except StoreError as exc:
+        if say:
+            say(
+                f"not published: {exc}; the run is kept locally, publish it later: "
+                f"pstage push {path} --store {masked(uri)}"
+            )
+        return None
+    what = "unchanged" if done.unchanged else f"{done.uploaded} file(s) uploaded"
+    print(f"published {done.name} ({what}) -> {done.url}", flush=True)
+    return done

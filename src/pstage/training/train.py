@@ -46,6 +46,7 @@ from pstage.inference.predict import blend_final, fold_checkpoints
 from pstage.models.classifier import check_model_name
 from pstage.models.weights import resolve_weights
 from pstage.runs.rundir import FINAL_DIR, RunDir, RunInfo, RunLock, provenance, submission_frame
+from pstage.runs.store import publish_after, store_uri
 from pstage.training.batch_size import resolve_batch
 from pstage.training.budget import Budget, BudgetStop, Speed, cache_seconds, probe_speed
 from pstage.training.fit import FitContext, FitJob, complete, fit_model
@@ -88,6 +89,7 @@ class RunResult:
     cv: dict[str, Any]
     duration_s: float
     skipped: list[str] = field(default_factory=list)
+    published: str | None = None  # the run's address on the team store, when ``store`` published it
 
     @property
     def submission(self) -> Path | None:
@@ -118,6 +120,8 @@ def train(
     overrides: list[str] | tuple[str, ...] | dict[str, Any] = (),
     fold_callbacks: Callable[[int], Sequence[Callback]] | None = None,
     started: float | None = None,
+    store: str | None = None,
+    with_checkpoints: bool = False,
 ) -> RunResult | None:
     """Train a cross-validated run into ``runs/<name>`` and return its result.
 
@@ -126,8 +130,11 @@ def train(
     ``fold_callbacks(k)`` may add Lightning callbacks to fold k's Trainer (``pstage tune`` reports
     every epoch to Optuna through it and prunes by raising from it).
     ``started`` is when ``train.time``'s clock started (the CLI passes its own start; default now).
+    ``store`` (an MLflow server, ``http://HOST:PORT``) publishes the finished run to the team store,
+    its fold checkpoints too with ``with_checkpoints``; a store that is down is one warning line.
     """
     started = time.time() if started is None else started
+    store = store_uri(store)  # a malformed address stops here, before any training
     quiet_lightning()
     cfg = load_config(config, overrides)
     if data is not None:
@@ -172,7 +179,11 @@ def train(
     os.environ[RUN_NAME_ENV] = name
     run_dir.mkdir(parents=True, exist_ok=True)
     with RunLock(run_dir):
-        return _run(cfg, run_dir, rank0=True, fold_callbacks=fold_callbacks, started=started, preflight=preflight)
+        result = _run(cfg, run_dir, rank0=True, fold_callbacks=fold_callbacks, started=started, preflight=preflight)
+    if result is not None and result.status == "done":
+        done = publish_after(result.path, store, checkpoints=with_checkpoints)
+        result.published = done.url if done else None
+    return result
 
 
 @dataclass

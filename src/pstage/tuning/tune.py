@@ -30,6 +30,8 @@ from optuna.trial import TrialState
 from pstage.config import Config, load_config
 from pstage.core.console import console, quiet_lightning
 from pstage.core.errors import ConfigError, DataError, PstageError, RunError
+from pstage.runs.rundir import RunDir
+from pstage.runs.store import publish_after, store_uri
 from pstage.training.train import train
 from pstage.tuning.ray_backend import import_ray, tune_ray
 from pstage.tuning.reporter import CrossFoldReporter
@@ -72,14 +74,17 @@ def tune(
     timeout: float | None = None,
     backend: str = "optuna",
     show: bool = False,
+    store: str | None = None,
 ) -> TuneResult:
     """Run (or continue) a search until the study has ``trials`` finished trials; then report it.
 
     ``show=True`` only reports an existing study. Several processes or machines calling this
     with the same storage and study share the work. Ctrl-C marks the running trial failed and
-    re-raises KeyboardInterrupt after one summary line.
+    re-raises KeyboardInterrupt after one summary line. ``store`` (the team's MLflow server)
+    publishes this machine's finished trial runs (kind ``trial``) once the search stops.
     """
     runs = Path(runs).expanduser()
+    store = None if show else store_uri(store)  # a malformed address answers before any trial
     if backend not in ("optuna", "ray"):
         raise ConfigError(f"--backend {backend}: expected optuna or ray")
     if backend == "ray" and not show:
@@ -112,8 +117,20 @@ def tune(
     runs.mkdir(parents=True, exist_ok=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if backend == "ray":
-        return tune_ray(base, name, runs, trials=trials, timeout=timeout, url=url, storage=opened)
-    return _tune_optuna(base, name, url, opened, runs, trials, timeout)
+        result = tune_ray(base, name, runs, trials=trials, timeout=timeout, url=url, storage=opened)
+    else:
+        result = _tune_optuna(base, name, url, opened, runs, trials, timeout)
+    _publish_trials(result.study, runs, store)
+    return result
+
+
+def _publish_trials(study: str, runs: Path, store: str | None) -> None:
+    """Publish every finished trial run of ``study`` in ``runs`` (unchanged ones cost one look-up)."""
+    if not store:
+        return
+    for record in sorted(runs.glob(f"{study}-[0-9]*/run.json")):
+        if RunDir(record.parent).read_info().done:
+            publish_after(record.parent, store)
 
 
 def _tune_optuna(
