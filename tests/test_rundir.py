@@ -53,9 +53,17 @@ def test_legacy_ensemble_finds_moved_members_by_name(legacy):
     assert ens.info.kind == "ensemble" and ens.info.ensemble.method == "hill"
     assert [m.run for m in ens.info.members] == ["legacy-a", "legacy-b"]
     assert sum(m.weight for m in ens.info.members) == pytest.approx(1.0)
-    with pytest.raises(RunError, match="member legacy-a not found at .*elsewhere.* nor under"):
-        ens.leaves(legacy / "nowhere")
+    # moved together with its members: found beside the ensemble, whatever --runs says
+    assert [leaf.path for leaf in ens.leaves(legacy / "nowhere")] == [legacy / "legacy-a", legacy / "legacy-b"]
     assert [leaf.path for leaf in ens.leaves(legacy)] == [legacy / "legacy-a", legacy / "legacy-b"]
+    alone = legacy.parent / "alone"  # moved without them: found by name under --runs, or one clear error
+    shutil.copytree(legacy / "legacy-ens", alone / "legacy-ens")
+    with pytest.raises(RunError, match="member legacy-a not found at .*elsewhere.* nor under"):
+        RunDir(alone / "legacy-ens").leaves(legacy / "nowhere")
+    assert [leaf.path for leaf in RunDir(alone / "legacy-ens").leaves(legacy)] == [
+        legacy / "legacy-a",
+        legacy / "legacy-b",
+    ]
     assert ens.folds() == [] and RunDir(legacy / "legacy-a").leaves() == [RunDir(legacy / "legacy-a")]
 
 
