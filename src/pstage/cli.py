@@ -23,6 +23,13 @@ from pstage import __version__
 from pstage.core.console import console
 from pstage.core.errors import PstageError
 
+err = Console(stderr=True, highlight=False)
+
+
+def say_error(message: str) -> None:
+    """The CLI's one error line, markup escaped (a message may hold ``pip install 'pstage[serve]'``)."""
+    err.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
+
 
 class OneLineErrors(TyperGroup):
     """The command group whose usage errors (an unknown option, a missing argument, a bad choice)
@@ -40,7 +47,7 @@ class OneLineErrors(TyperGroup):
         except ClickException as exc:
             ctx = getattr(exc, "ctx", None)
             hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
-            err.print(f"[bold red]error:[/] {escape(exc.format_message())}{escape(hint)}", soft_wrap=True)
+            say_error(exc.format_message() + hint)
             sys.exit(exc.exit_code)
         except typer.Abort:
             err.print("[yellow]aborted[/]")
@@ -56,7 +63,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-err = Console(stderr=True, highlight=False)
 STARTED = time.time()  # the command's start: train.time counts from here (imports included)
 
 
@@ -71,7 +77,7 @@ def friendly(command: Callable[..., Any] | None = None, *, say_interrupted: bool
             try:
                 return command(*args, **kwargs)
             except PstageError as exc:
-                err.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
+                say_error(str(exc))
                 raise typer.Exit(2) from None
             except KeyboardInterrupt:
                 if say_interrupted:

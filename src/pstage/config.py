@@ -296,6 +296,12 @@ class TrainConfig(Section):
         description="Rich progress bars on a terminal (auto), always (bar), one line per epoch (epoch) or quiet (none).",
     )
 
+    @property
+    def single_process(self) -> bool:
+        """One training process: one device ("auto" may mean all GPUs), one node, no DDP strategy."""
+        many = len(self.devices) != 1 if isinstance(self.devices, list) else str(self.devices) != "1"
+        return not many and self.num_nodes == 1 and not self.strategy.startswith("ddp")
+
     @field_validator("time", mode="before")
     @classmethod
     def _duration(cls, value: Any) -> float | None:

@@ -183,15 +183,15 @@ class Budget:
         self.overhead_s: float | None = measured.get("overhead_s")  # per model, besides its epochs
         self._steady = self.rates is not None
         self.folds: list[int] | None = previous.get("folds")  # the folds the run trains (planned or given)
-        self.after_images = 0  # images predicted again after the last model (set by train.py)
+        self.grouping_per_fold = 0.0  # images predicted again after the last model, per fold (set by train.py)
         self.record: Callable[[], None] = lambda: None
 
     def reserve(self) -> float:
         """Seconds kept for the work after the last model: the run's outputs, and the person
-        grouping's second pass over the OOF and test images (``after_images``; 6% of a 15-minute
-        5-fold run on facemask, which overran the budget before it was counted)."""
+        grouping's second pass over the OOF and test images of every fold (``grouping_per_fold``; 6%
+        of a 15-minute 5-fold run on facemask, which overran the budget before it was counted)."""
         per_image = self.rates["val_image_s"] if self.rates is not None else self.speed.predict_image_s
-        return END_RESERVE_S + self.after_images * per_image
+        return END_RESERVE_S + self.grouping_per_fold * len(self.folds or []) * per_image
 
     def left(self) -> float:
         return self.deadline - time.time()

@@ -209,9 +209,10 @@ def _check_budget(cfg: Config, started: float) -> Preflight:
     cache_s = cache_seconds(source, cfg, speed)
     fold = (n - n // k, n // k, n_test)
     wanted = _wanted(cfg)
-    if cfg.train.folds is None and _single_process(cfg):
-        wanted = _plan_folds(cfg, source, budget, time.time() - started, cache_s, fold, final)
-    budget.after_images = _after_images(cfg, source, len(wanted))
+    budget.grouping_per_fold = _grouping_per_fold(cfg, source)
+    if cfg.train.folds is None and cfg.train.single_process:  # with DDP the other ranks could not know the plan
+        wanted = _plan_folds(cfg, budget, time.time() - started, cache_s, fold, final)
+    budget.folds = wanted
     minimum = budget.minimum(time.time() - started, cache_s, [fold] * len(wanted) + final)
     if cfg.train.time < minimum:
         what = f"{len(wanted)} fold(s)" + (" and the final fit" if final else "")
@@ -223,23 +224,16 @@ def _check_budget(cfg: Config, started: float) -> Preflight:
     return Preflight(source, speed, minimum, wanted)
 
 
-def _single_process(cfg: Config) -> bool:
-    """One training process (no DDP): only then may rank 0 alone decide which folds the run trains."""
-    t = cfg.train
-    return t.num_nodes == 1 and t.devices in (1, "1", [0]) and not str(t.strategy).startswith("ddp")
-
-
-def _after_images(cfg: Config, source: Source, n_folds: int) -> int:
-    """Images the person grouping embeds after the last fold (its OOF rows, and the test images
-    once per fold model); 0 when grouping is off or cannot apply."""
+def _grouping_per_fold(cfg: Config, source: Source) -> float:
+    """Images the person grouping embeds after the last model, per trained fold (the fold's OOF rows,
+    and every test image once per fold model); 0 when grouping is off or cannot apply."""
     if source.test is None or not resolve_group(cfg.persons.group, source.task):
-        return 0
-    return round(len(source.train) * n_folds / cfg.split.folds) + len(source.test) * n_folds
+        return 0.0
+    return len(source.train) / cfg.split.folds + len(source.test)
 
 
 def _plan_folds(
     cfg: Config,
-    source: Source,
     budget: Budget,
     elapsed: float,
     cache_s: float,
@@ -254,7 +248,7 @@ def _plan_folds(
     k = cfg.split.folds
     for m in range(k, 0, -1):
         models = [fold] * m + final
-        budget.after_images = _after_images(cfg, source, m)
+        budget.folds = list(range(m))
         spare = cfg.train.time - budget.minimum(elapsed, cache_s, models)  # after one epoch of each
         extra_epochs = spare / max(1, len(models)) / budget.epoch_s(n_train, n_val)
         if 1 + extra_epochs >= want:
@@ -381,7 +375,7 @@ def _run(
         if cfg.train.time is not None:
             budget = _open_budget(cfg, source, precision, clock, previous.get("time_budget"), preflight)
             budget.folds = wanted
-            budget.after_images = _after_images(cfg, source, len(wanted))
+            budget.grouping_per_fold = _grouping_per_fold(cfg, source)
             budget.record = lambda: record("running")
         caching = time.time()
         source, train_cache, test_cache = prepare_caches(source, cfg, verbose=rank0)

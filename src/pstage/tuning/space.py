@@ -147,10 +147,8 @@ def check_space(base: Config) -> None:
 
 def check_single_process(cfg: Config) -> None:
     t = cfg.train
-    devices = t.devices
-    many = len(devices) != 1 if isinstance(devices, list) else str(devices) != "1"  # "auto" may mean all GPUs
-    if many or t.num_nodes > 1 or t.strategy.startswith("ddp"):
+    if not t.single_process:
         raise ConfigError(
-            f"pstage tune trains trials in-process on one device (train.devices={devices}, train.strategy={t.strategy}); "
+            f"pstage tune trains trials in-process on one device (train.devices={t.devices}, train.strategy={t.strategy}); "
             "run one worker per GPU instead (CUDA_VISIBLE_DEVICES=k pstage tune ... on the same storage)"
         )
