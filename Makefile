@@ -32,7 +32,7 @@ lint: venv
 	$(BIN)/lint-imports
 
 bench: venv
-	$(BIN)/python benchmarks/input_pipeline.py
+	$(BIN)/python benchmarks/throughput.py --quick
 
 clean:
 	rm -rf $(VENV) demo runs .pytest_cache

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -121,7 +122,12 @@ def main() -> None:
     ap.add_argument("--persons", type=int, default=0, help="train on the first N persons (0: all)")
     ap.add_argument("--runs", type=Path, default=Path("/tmp/facemask-runs"))
     ap.add_argument("--only", default="", help="comma-separated setting names")
-    ap.add_argument("--set", action="append", default=[], help="NAME=KEY=VALUE,KEY=VALUE: an extra setting")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        help="NAME=KEY=VALUE,KEY=VALUE: an extra setting (lists in [..] may hold commas)",
+    )
     ap.add_argument("--extra", nargs="*", default=[], help="KEY=VALUE added to every setting")
     ap.add_argument("--cold", action="store_true", help="each setting builds its own image cache (timed)")
     ap.add_argument("--list", action="store_true")
@@ -129,7 +135,7 @@ def main() -> None:
     settings = dict(SETTINGS)
     for spec in args.set:
         name, _, values = spec.partition("=")
-        settings[name] = [v for v in values.split(",") if v]
+        settings[name] = [v for v in re.split(r",(?![^\[]*\])", values) if v]  # commas inside [..] stay
     if args.list:
         for name, overrides in settings.items():
             print(f"{name:16s} {' '.join(overrides) or '(defaults)'}")

@@ -13,8 +13,8 @@ Prints img/s for each and the ratios b/a and b/c (medians over rounds), as a tab
     python benchmarks/throughput.py --device cpu --quick     # resnet10t 64x48, resnet18 128x96: a few minutes on 2 cores
     python benchmarks/throughput.py --device cuda             # + resnet50 224x168, the demo's 10,500 photos
 
-Replaces benchmarks/input_pipeline.py (whose (d) precision comparison is `pstage train`'s
-train.precision=auto, measured in the README's table).
+It absorbed the former benchmarks/input_pipeline.py; that script's part (d), precision, is now what
+`train.precision=auto` picks by the hardware (core/devices.py).
 """
 
 from __future__ import annotations
@@ -172,16 +172,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quick", action="store_true", help="the first two settings, few steps, a small data set")
-    ap.add_argument("--rounds", type=int, default=0, help="interleaved rounds (default 2, quick 1)")
-    ap.add_argument("--persons", type=int, default=0, help="demo persons (default 1500, quick 60)")
+    ap.add_argument("--rounds", type=int, default=0, help="interleaved rounds (default 2)")
+    ap.add_argument("--persons", type=int, default=0, help="demo persons (default 1500, quick 150)")
     ap.add_argument("--data", type=Path, default=None, help="an existing competition folder instead of demo data")
     ap.add_argument("--extra", nargs="*", default=[], help="KEY=VALUE for (b), e.g. train.compile=true")
     args = ap.parse_args()
     device = torch.device(args.device)
     settings = SETTINGS[:2] if args.quick else SETTINGS
-    rounds = args.rounds or (1 if args.quick else 2)
-    persons = args.persons or (60 if args.quick else 1500)
-    steps = 5 if args.quick and args.device == "cpu" else 50
+    rounds = args.rounds or 2
+    persons = args.persons or (150 if args.quick else 1500)
+    steps = 20 if args.quick and args.device == "cpu" else 50
     epochs = 3 if args.quick else 4
     work = Path(tempfile.mkdtemp(prefix="pstage-throughput-"))
     os.environ.setdefault("XDG_CACHE_HOME", str(work / "cache"))

@@ -13,7 +13,7 @@ def cpu_has_fast_bf16() -> bool:
     """True where the CPU has native bf16 matrix units (AMX or AVX512-BF16).
 
     Without them bf16 autocast is emulated: measured 10-30x slower than fp32 on an AVX2 EPYC
-    (resnet18 training, benchmarks/input_pipeline.py part d), so auto falls back to fp32.
+    (resnet18 training, an earlier benchmark), so auto falls back to fp32.
     """
     try:
         with open("/proc/cpuinfo") as handle:
