@@ -35,6 +35,7 @@ LEARN = [
     "train.batch_size=32",
     "optim.lr=0.01",
     "train.progress=epoch",
+    "tta.train=false",  # so that `pstage predict --tta` has a gain to measure (test_training)
 ]
 
 

@@ -7,6 +7,7 @@ import pytest
 
 from pstage.config import load_config, parse_duration
 from pstage.core.errors import ConfigError
+from pstage.training.budget import Budget, Speed
 from tests.conftest import run_cli
 
 TINY = [
@@ -17,6 +18,14 @@ TINY = [
     "optim.lr=0.01",
     "train.progress=epoch",
 ]
+
+
+def test_budget_counts_each_tta_view_of_the_predictions():
+    """tta.train predicts every validation and test image once per view: a model's overhead grows with them."""
+    speed = Speed(train_image_s=0.01, predict_image_s=0.002, decode_image_s=0.001)
+    one, two = (Budget(600, time.time(), speed, 10, views=v) for v in (1, 2))
+    assert two.overhead(1000) - one.overhead(1000) == pytest.approx(1000 * 0.002)
+    assert two.minimum(0, 0, [(800, 200, 500)]) > one.minimum(0, 0, [(800, 200, 500)])
 
 
 @pytest.mark.parametrize(
@@ -108,3 +117,25 @@ def test_budget_plans_fewer_folds_when_all_would_learn_little(demo_root, tmp_pat
         "train.epochs=1000", "train.min_epochs=1000", "train.time=45s", timeout=150,
     )  # fmt: skip
     assert again.returncode == 0 and "already done" in again.stdout, again.stdout[-2000:] + again.stderr[-2000:]
+
+
+def test_measured_speed_drops_planned_folds_that_would_learn_too_little():
+    """After a fold, the budget's planned folds that can no longer get train.min_epochs epochs each
+    are dropped from the end (and from the plan run.json records), never those that still fit."""
+    import pandas as pd
+
+    from pstage.training.train import _trim_folds
+
+    speed = Speed(train_image_s=0.001, predict_image_s=0.001, decode_image_s=0.001)
+    budget = Budget(100, time.time(), speed, 10)
+    budget.rates = {"train_image_s": 0.01, "val_image_s": 0.005, "rest_s": 0.0}  # as if measured
+    budget.overhead_s = 1.0
+    budget.folds = [0, 1, 2, 3, 4]
+    folds = pd.DataFrame({"fold": [k for k in range(5) for _ in range(200)]})  # 800 train / 200 val per fold
+    cfg = load_config(None, ["train.min_epochs=3"])
+    # a fold needs 3 x (800 x 0.01 + 200 x 0.005) + 1 = 28 s: 3 of the 4 left fit in ~98 s
+    assert budget.affordable([(800, 200, 0)] * 4, 3) == 3
+    assert _trim_folds(cfg, budget, folds, None, [1, 2, 3, 4], False) == [1, 2, 3]
+    assert budget.folds == [0, 1, 2, 3]
+    assert _trim_folds(cfg, budget, folds, None, [1, 2], False) == [1, 2]  # what fits stays
+    assert budget.affordable([(800, 200, 0)] * 2 + [(1000, 0, 0)], 3, fixed=1) == 2  # the final fit always runs

@@ -131,6 +131,24 @@ def test_tta_changes_predictions_and_measures_its_gain_on_oof(learned, learn_roo
     assert np.allclose(flipped.sum(1), 1, atol=1e-3)
 
 
+def test_tta_train_puts_the_views_into_the_runs_own_predictions(demo_root, tmp_path):
+    """tta.train=true: oof.csv, the CV and submission.csv are what `pstage predict --tta` makes of
+    the same run trained without it, and a plain `pstage predict` re-creates them."""
+    overrides = [*FAST, "split.folds=2", "train.folds=[0]"]
+    plain = pstage.train(data=demo_root, runs=tmp_path, name="plain", overrides=[*overrides, "tta.train=false"])
+    pstage.predict(plain.path, tta=True)
+    views = pstage.train(data=demo_root, runs=tmp_path, name="views", overrides=[*overrides, "tta.train=true"])
+    oof_tta, oof = pd.read_csv(plain.path / "oof_tta.csv"), pd.read_csv(views.path / "oof.csv")
+    assert oof[["image_id", "fold", "target"]].equals(oof_tta[["image_id", "fold", "target"]])
+    assert np.allclose(oof.filter(like="p_").to_numpy(), oof_tta.filter(like="p_").to_numpy(), atol=1e-5)
+    plain_oof = pd.read_csv(plain.path / "oof.csv").filter(like="p_").to_numpy()
+    assert not np.allclose(plain_oof, oof.filter(like="p_").to_numpy(), atol=1e-3)
+    assert pd.read_csv(views.path / "submission.csv").equals(pd.read_csv(plain.path / "submission_tta.csv"))
+    again = pstage.predict(views.path, out=tmp_path / "again.csv")
+    assert again.tta == "2 views (hflip)"
+    assert pd.read_csv(again.path).equals(pd.read_csv(views.path / "submission.csv"))
+
+
 def test_zoom_keeps_the_size_and_centre():
     from pstage.inference.predict import zoom
 

@@ -52,14 +52,15 @@ FULL = DemoPlan(
         "data.image_size=[64,48]",
         "augment.preset=basic",
         "loss.label_smoothing=0",
-    ],  # tiny models from scratch on drawn faces: minutes; the real-photo defaults (96x96, strong) were measured for pretrained models
+        "tta.train=false",  # the demo's last step shows what `pstage predict --tta` adds
+    ],  # tiny models from scratch on drawn faces: minutes; the real-photo defaults (128x128, strong) were measured for pretrained models
     runs={"test-resnet": ["model.name=test_resnet"], "test-byobnet": ["model.name=test_byobnet"]},
 )
 QUICK = DemoPlan(
     persons=30,
     eval_persons=6,
     source_size=(64, 48),
-    common=["data.image_size=[32,24]", "split.folds=2", "train.epochs=2", "train.progress=epoch"],
+    common=["data.image_size=[32,24]", "split.folds=2", "train.epochs=2", "train.progress=epoch", "tta.train=false"],
     runs={"resnet10t": ["model.name=resnet10t"], "test-resnet": ["model.name=test_resnet"]},
 )
 

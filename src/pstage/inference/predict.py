@@ -158,7 +158,8 @@ def predict(
     """Predict with a finished run's fold models.
 
     On competition data (the run's own by default) this re-creates ``submission.csv``; on any
-    other folder or CSV of images it writes a CSV of classes and probabilities per image. With
+    other folder or CSV of images it writes a CSV of classes and probabilities per image, averaged
+    over the TTA views when the run was trained with ``tta.train`` or ``tta`` is given. With
     ``tta`` on the run's own data the OOF predictions are recomputed with TTA too, so its gain is
     measured: both CVs are returned and recorded in run.json (``tta``). With ``store`` (the team's
     MLflow server), a run that is only there is pulled first, with its fold models.
@@ -198,7 +199,8 @@ def predict(
         raise DataError(
             f"{path}: {reason}; fix or remove it, or set data.on_bad_image=skip to predict it from a blank image"
         )
-    probs = with_final_fit(run_dir, config, ensemble_probs(checkpoints, cache, config, tta=tta), cache, tta)
+    views = tta or config.tta.train  # a run trained with tta.train predicted with its views: so does a re-run
+    probs = with_final_fit(run_dir, config, ensemble_probs(checkpoints, cache, config, tta=views), cache, views)
     probs, _ = group_test(info, checkpoints, cache.path, config, probs, task)  # as training decided (persons.*)
     if kind == "submission":
         frame = submission_frame(images, probs, task, test_format)
@@ -210,7 +212,7 @@ def predict(
     target.parent.mkdir(parents=True, exist_ok=True)
     write_csv(target, frame, float_format="%.6g")
     skipped = [f"{p}: {r} (predicted from a blank image)" for p, r in cache.bad.items()]
-    return Prediction(target, frame, kind, skipped, tta=describe_tta(config.tta) if tta else None)
+    return Prediction(target, frame, kind, skipped, tta=describe_tta(config.tta) if views else None)
 
 
 def _predict_with_tta(

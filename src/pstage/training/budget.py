@@ -13,7 +13,10 @@ predictions — within a time budget, K folds planned from measured speed.
    slow gets fewer epochs, one running fast early in its schedule more, and its LR schedule follows.
    A model cut short still gets one more epoch to end its schedule, unless that passes its hard
    deadline. What a model leaves unused goes to the next ones.
-4. A model still training past its hard deadline (the budget, +5%, less what the models after it
+4. With the folds planned by the budget (``train.folds`` unset), each finished fold's measured speed
+   checks the plan again: planned folds that can no longer get ``train.min_epochs`` epochs each are
+   dropped (from the end), so the probe's optimism never leaves the last folds one-epoch models.
+5. A model still training past its hard deadline (the budget, +5%, less what the models after it
    need at the least) stops after the current step, once it has one finished epoch.
 
 run.json ``time_budget`` records the budget, the minimum, the cache time, and per model the planned
@@ -166,8 +169,10 @@ class Budget:
         cap: int,
         previous: dict[str, Any] | None = None,
         spent_before: float = 0.0,
+        views: int = 1,
     ):
         previous = previous or {}
+        self.views = views  # each validation and test image is predicted once per TTA view (tta.train)
         self.seconds = float(seconds)
         self.spent_before = spent_before  # by the earlier attempts of a resumed run
         self.deadline = started + self.seconds - spent_before  # the clock of this attempt
@@ -203,10 +208,11 @@ class Budget:
         return n_train * self.speed.train_image_s + n_val * self.speed.predict_image_s
 
     def overhead(self, n_predict: int) -> float:
-        """A model's seconds besides its epochs: set-up, checkpoints, and predicting ``n_predict`` images."""
+        """A model's seconds besides its epochs: set-up, checkpoints, and predicting ``n_predict`` images
+        (once per TTA view)."""
         if self.overhead_s is not None:
             return self.overhead_s
-        return SETUP_S + n_predict * self.speed.predict_image_s
+        return SETUP_S + n_predict * self.views * self.speed.predict_image_s
 
     def minimum(self, elapsed: float, cache_s: float, models: list[tuple[int, int, int]]) -> float:
         """Seconds for the cache, then one epoch and the predictions of each (n_train, n_val, n_test) model."""
@@ -214,6 +220,16 @@ class Budget:
         for n_train, n_val, n_test in models:
             need += self.epoch_s(n_train, n_val) + self.overhead(n_val + n_test)
         return need
+
+    def affordable(self, models: list[tuple[int, int, int]], epochs: int, fixed: int = 0) -> int:
+        """How many of ``models`` ((n_train, n_val, n_test) each, in order) still get ``epochs`` epochs
+        and their predictions in the time left, after the last ``fixed`` of them, which always run."""
+        for m in range(len(models) - fixed, -1, -1):
+            chosen = models[:m] + models[len(models) - fixed :]
+            need = self.reserve() + sum(epochs * self.epoch_s(t, v) + self.overhead(v + p) for t, v, p in chosen)
+            if need <= self.left():
+                return m
+        return 0
 
     def plan(self, name: str, n_train: int, n_val: int, n_test: int, models_left: int, cap: int) -> int:
         """Epochs for model ``name`` out of an equal share of the time left; a started model keeps its plan."""

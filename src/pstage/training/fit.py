@@ -228,8 +228,10 @@ def _callbacks(job: FitJob) -> tuple[list[Callback], ModelCheckpoint | None, Fol
 
 
 def _predict(job: FitJob, weights: Path) -> pd.DataFrame | None:
-    """OOF probabilities (written to oof.csv) for the validation rows, test probabilities to test.npy."""
+    """OOF probabilities (written to oof.csv) for the validation rows, test probabilities to test.npy;
+    averaged over the TTA views with ``tta.train``."""
     ctx, cfg = job.context, job.context.cfg
+    tta = cfg.tta if cfg.tta.train else None
     model = load_fold_module(weights)
     device = inference_device(cfg.train.accelerator)
     batch = batch_of(cfg.train) * 2
@@ -243,6 +245,7 @@ def _predict(job: FitJob, weights: Path) -> pd.DataFrame | None:
             batch_size=batch,
             device=device,
             precision=ctx.precision,
+            tta=tta,
         )
         ids = pd.DataFrame(
             {"image_id": val["image_id"].to_numpy(), "fold": job.fold, "target": val["target"].to_numpy()}
@@ -257,6 +260,7 @@ def _predict(job: FitJob, weights: Path) -> pd.DataFrame | None:
             batch_size=batch,
             device=device,
             precision=ctx.precision,
+            tta=tta,
         )
         tmp = job.directory / ".test.tmp.npy"
         np.save(tmp, probs.astype(np.float32))

@@ -42,7 +42,7 @@ from pstage.data.prepare import prepare_caches, resolve_face_crop
 from pstage.data.sources import Source, detect_kind, load_source
 from pstage.data.split import check_folds, make_folds
 from pstage.inference.persons import describe_grouping, group_run, resolve_group
-from pstage.inference.predict import blend_final, fold_checkpoints
+from pstage.inference.predict import blend_final, fold_checkpoints, tta_views
 from pstage.models.classifier import check_model_name
 from pstage.models.weights import resolve_weights
 from pstage.runs.rundir import FINAL_DIR, RunDir, RunInfo, RunLock, provenance, submission_frame
@@ -74,7 +74,6 @@ RESUMABLE_KEYS = (
     "train.num_nodes",
     "train.folds",
     "log.",
-    "tta.",  # prediction-time settings
     "tune.",  # the search space is the study's, not the run's
 )
 
@@ -202,7 +201,7 @@ def _check_budget(cfg: Config, started: float) -> Preflight:
     source = load_source(cfg.data)
     precision = resolve_precision(cfg.train.precision, cfg.train.accelerator)
     speed = probe_speed(cfg, source.task, source, precision)
-    budget = Budget(cfg.train.time, started, speed, cfg.train.epochs)
+    budget = Budget(cfg.train.time, started, speed, cfg.train.epochs, views=_views(cfg))
     n, k = len(source.train), cfg.split.folds
     n_test = 0 if source.test is None else len(source.test)
     final = [(n, 0, n_test)] if cfg.train.final_fit != "off" else []
@@ -222,6 +221,11 @@ def _check_budget(cfg: Config, started: float) -> Preflight:
             + (", or train fewer folds (train.folds=[0])" if len(wanted) > 1 else "")
         )
     return Preflight(source, speed, minimum, wanted)
+
+
+def _views(cfg: Config) -> int:
+    """How many times the fold models predict each validation and test image (tta.train: once per view)."""
+    return len(tta_views(cfg.tta if cfg.tta.train else None))
 
 
 def _grouping_per_fold(cfg: Config, source: Source) -> float:
@@ -404,9 +408,13 @@ def _run(
                 console.print(f"  resuming (folds {', '.join(map(str, done))} already done)")
             record("running")
         ctx = FitContext(fit_cfg, source, train_cache, test_cache, run_dir, precision, rank0, pseudo)
-        for i, k in enumerate(pending):
-            left = len(pending) - i + final_pending  # models still to fit, this one included
+        queue = list(pending)
+        while queue:
+            k = queue.pop(0)
+            left = len(queue) + 1 + final_pending  # models still to fit, this one included
             fit_fold(ctx, folds, k, fold_callbacks(k) if fold_callbacks else (), budget, left)
+            if budget is not None and queue and cfg.train.folds is None and cfg.train.single_process:
+                queue = _trim_folds(cfg, budget, folds, test_cache, queue, final_pending)
             record("running")
         if final_pending:
             fit_final(ctx, budget)
@@ -430,6 +438,35 @@ def _run(
         reason = "interrupted" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else f"{type(exc).__name__}: {exc}"
         record("failed", error=reason)
         raise
+
+
+def _trim_folds(
+    cfg: Config,
+    budget: Budget,
+    folds: pd.DataFrame,
+    test_cache: CacheInfo | None,
+    queue: list[int],
+    final_pending: bool,
+) -> list[int]:
+    """The budget's planned folds still to train, less those the measured speed says can no longer
+    get ``train.min_epochs`` epochs each (dropped from the end; the plan in run.json follows). The
+    fold plan is made from a probe before any data is loaded; on facemask it once planned 3 folds
+    of 3 epochs where 2 fitted, and the last fold would have trained 1-2 epochs."""
+    n_test = test_cache.count if test_cache is not None else 0
+    sizes = folds["fold"].value_counts()
+    models = [(len(folds) - int(sizes.get(k, 0)), int(sizes.get(k, 0)), n_test) for k in queue]
+    final = [(len(folds), 0, n_test)] if final_pending else []
+    want = min(cfg.train.min_epochs, cfg.train.epochs)
+    keep = budget.affordable(models + final, want, fixed=len(final))
+    if keep >= len(queue):
+        return queue
+    dropped = queue[keep:]
+    budget.folds = [k for k in (budget.folds or []) if k not in dropped]
+    console.print(
+        f"  train.time: at the measured speed the {len(queue)} fold(s) left cannot each get train.min_epochs={want} "
+        f"epochs: dropping fold(s) {', '.join(map(str, dropped))}; the run trains fold(s) {', '.join(map(str, budget.folds))}"
+    )
+    return queue[:keep]
 
 
 def _resolve_batch(cfg: Config, previous: RunInfo, source: Source, folds: pd.DataFrame, precision: str) -> Config:
@@ -485,7 +522,13 @@ def _open_budget(
     else:  # a DDP worker, or a run that had no budget before
         speed = probe_speed(cfg, source.task, source, precision)
     budget = Budget(
-        cfg.train.time, clock, speed, cfg.train.epochs, previous, float((previous or {}).get("used_s", 0.0))
+        cfg.train.time,
+        clock,
+        speed,
+        cfg.train.epochs,
+        previous,
+        float((previous or {}).get("used_s", 0.0)),
+        views=_views(cfg),
     )
     if preflight is not None:
         budget.minimum_s = preflight.minimum_s
