@@ -75,7 +75,10 @@ def test_run_export_matches_pytorch_and_submission(runs: Path) -> None:
         center_crop=d.center_crop,
     )
     expected = np.mean(
-        [predict_probs(load_fold_module(c), cache.path, np.arange(len(test))) for c in fold_checkpoints(runs / "a")],
+        [
+            predict_probs(load_fold_module(c), cache.path, np.arange(len(test)), tta=cfg.tta if cfg.tta.train else None)
+            for c in fold_checkpoints(runs / "a")
+        ],
         axis=0,
     )
     assert got.shape == (len(test), 18)
