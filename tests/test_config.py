@@ -73,3 +73,14 @@ def test_every_key_is_documented():
 
 def test_parse_overrides_nests():
     assert parse_overrides(["a.b=1", "a.c=x"]) == {"a": {"b": 1, "c": "x"}}
+
+
+def test_runs_saved_before_tta_train_existed_stay_single_view(tmp_path):
+    """An older run's own predictions had no TTA: re-predicting or exporting it must not add it."""
+    from pstage.config import load_run_config
+
+    path = tmp_path / "config.yaml"
+    path.write_text("tta:\n  hflip: true\n")
+    assert load_run_config(path).tta.train is False
+    path.write_text("tta:\n  train: true\n  hflip: true\n")
+    assert load_run_config(path).tta.train is True

@@ -756,11 +756,16 @@ def load_config(
 
 
 def load_run_config(path: str | Path) -> Config:
-    """A run's saved config.yaml; a run saved before ``data.face_detector`` existed cropped faces with Haar."""
+    """A run's saved config.yaml; a run saved before ``data.face_detector`` existed cropped faces with
+    Haar, and one saved before ``tta.train`` existed predicted single-view (so its export and
+    re-predictions stay single-view too)."""
     values = read_yaml(path)
     data = values.get("data")
     if isinstance(data, dict) and "face_detector" not in data:
         values = merge(values, {"data": {"face_detector": "haar"}})
+    tta = values.get("tta")
+    if isinstance(tta, dict) and "train" not in tta:
+        values = merge(values, {"tta": {"train": False}})
     return load_config(values)
 
 
