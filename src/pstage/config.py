@@ -375,6 +375,11 @@ class TTAConfig(Section):
         description="Also average over centre zooms of the image by these factors (e.g. [1.0, 1.15]); 1.0 is the image as trained.",
     )
 
+    @property
+    def in_training(self) -> TTAConfig | None:
+        """The views a run's own predictions (oof, test, its export) average: these with tta.train, else none."""
+        return self if self.train else None
+
     @field_validator("scales")
     @classmethod
     def _scales(cls, value: list[float]) -> list[float]:

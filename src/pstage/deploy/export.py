@@ -163,7 +163,7 @@ def build_model(plan: Plan) -> Any:
     from torch import nn  # deferred: the ONNX serve path imports this module and runs without torch
 
     # deferred: imports torch, which the ONNX serve path does without
-    from pstage.inference.predict import tta_views, zoom
+    from pstage.inference.predict import mean_over_views, tta_views
 
     # deferred: imports torch, which the ONNX serve path does without
     from pstage.models.checkpoint import load_fold_module
@@ -177,18 +177,10 @@ def build_model(plan: Plan) -> Any:
         def __init__(self, leaf: Leaf):
             super().__init__()
             self.folds = nn.ModuleList(load_fold_module(c) for c in leaf.checkpoints)
-            tta = leaf.config.tta
-            self.views = tta_views(tta if tta.train else None)
-
-        def viewed(self, fold: nn.Module, images: torch.Tensor) -> torch.Tensor:
-            outs = []
-            for scale, flip in self.views:
-                view = zoom(images, scale)
-                outs.append(fold(view.flip(2) if flip else view))  # NHWC: axis 2 is the width
-            return outs[0] if len(outs) == 1 else torch.stack(outs).mean(0)
+            self.views = tta_views(leaf.config.tta.in_training)
 
         def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            per_fold = torch.stack([self.viewed(fold, images) for fold in self.folds], 1)
+            per_fold = torch.stack([mean_over_views(fold, images, self.views) for fold in self.folds], 1)
             return per_fold.mean(1), per_fold
 
     class EnsembleGraph(nn.Module):

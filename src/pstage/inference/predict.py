@@ -55,6 +55,17 @@ def tta_views(tta: TTAConfig | None) -> list[tuple[float, bool]]:
     return [(scale, flip) for scale in tta.scales for flip in ((False, True) if tta.hflip else (False,))]
 
 
+def mean_over_views(module: torch.nn.Module, images: torch.Tensor, views: list[tuple[float, bool]]) -> torch.Tensor:
+    """A model's probabilities averaged over (zoom, mirror) views of uint8 NHWC images: what
+    prediction and the exported graph (deploy/export.py) both compute."""
+    total = None
+    for scale, flip in views:
+        view = zoom(images, scale)
+        probs = module(view.flip(2) if flip else view).float()  # NHWC: axis 2 is the width
+        total = probs if total is None else total + probs
+    return total / len(views)
+
+
 def describe_tta(tta: TTAConfig) -> str:
     parts = (["hflip"] if tta.hflip else []) + [f"zoom {s:g}" for s in tta.scales if s != 1.0]
     return f"{len(tta_views(tta))} views ({', '.join(parts) or 'none'})"
@@ -77,12 +88,7 @@ def predict_probs(
     out = []
     with inference_batches(cache, rows, batch_size, device, precision) as batches:
         for images in batches:
-            total = None
-            for scale, flip in views:
-                view = zoom(images, scale)
-                probs = module(view.flip(2) if flip else view).float()  # NHWC: axis 2 is the width
-                total = probs if total is None else total + probs
-            out.append((total / len(views)).cpu().numpy())
+            out.append(mean_over_views(module, images, views).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, module.task.num_classes), np.float32)
 
 

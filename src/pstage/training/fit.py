@@ -231,7 +231,7 @@ def _predict(job: FitJob, weights: Path) -> pd.DataFrame | None:
     """OOF probabilities (written to oof.csv) for the validation rows, test probabilities to test.npy;
     averaged over the TTA views with ``tta.train``."""
     ctx, cfg = job.context, job.context.cfg
-    tta = cfg.tta if cfg.tta.train else None
+    tta = cfg.tta.in_training
     model = load_fold_module(weights)
     device = inference_device(cfg.train.accelerator)
     batch = batch_of(cfg.train) * 2

@@ -209,7 +209,7 @@ def _check_budget(cfg: Config, started: float) -> Preflight:
     fold = (n - n // k, n // k, n_test)
     wanted = _wanted(cfg)
     budget.grouping_per_fold = _grouping_per_fold(cfg, source)
-    if cfg.train.folds is None and cfg.train.single_process:  # with DDP the other ranks could not know the plan
+    if _budget_plans_folds(cfg):
         wanted = _plan_folds(cfg, budget, time.time() - started, cache_s, fold, final)
     budget.folds = wanted
     minimum = budget.minimum(time.time() - started, cache_s, [fold] * len(wanted) + final)
@@ -223,9 +223,15 @@ def _check_budget(cfg: Config, started: float) -> Preflight:
     return Preflight(source, speed, minimum, wanted)
 
 
+def _budget_plans_folds(cfg: Config) -> bool:
+    """train.time chooses (and re-checks) how many folds to train: with train.folds unset, in one
+    process (with DDP the other ranks could not know the plan)."""
+    return cfg.train.folds is None and cfg.train.single_process
+
+
 def _views(cfg: Config) -> int:
     """How many times the fold models predict each validation and test image (tta.train: once per view)."""
-    return len(tta_views(cfg.tta if cfg.tta.train else None))
+    return len(tta_views(cfg.tta.in_training))
 
 
 def _grouping_per_fold(cfg: Config, source: Source) -> float:
@@ -413,7 +419,7 @@ def _run(
             k = queue.pop(0)
             left = len(queue) + 1 + final_pending  # models still to fit, this one included
             fit_fold(ctx, folds, k, fold_callbacks(k) if fold_callbacks else (), budget, left)
-            if budget is not None and queue and cfg.train.folds is None and cfg.train.single_process:
+            if budget is not None and queue and _budget_plans_folds(cfg):
                 queue = _trim_folds(cfg, budget, folds, test_cache, queue, final_pending)
             record("running")
         if final_pending:
