@@ -12,6 +12,8 @@ Prints img/s for each and the ratios b/a and b/c (medians over rounds), as a tab
 
     python benchmarks/throughput.py --device cpu --quick     # resnet10t 64x48, resnet18 128x96: a few minutes on 2 cores
     python benchmarks/throughput.py --device cuda             # + resnet50 224x168, the demo's 10,500 photos
+    python benchmarks/throughput.py --quick --extra augment.device=false --compare augment.device=true
+                                      # a second (b) column with other settings, in the same rounds
 
 It absorbed the former benchmarks/input_pipeline.py; that script's part (d), precision, is now what
 `train.precision=auto` picks by the hardware (core/devices.py).
@@ -168,6 +170,16 @@ def pstage_train(
     return train_images / seconds
 
 
+def _parse_setting(text: str) -> tuple[str, tuple[int, int], int]:
+    """MODEL:HxW:BATCH -> (model, (H, W), batch)."""
+    try:
+        name, size, batch = text.split(":")
+        height, width = (int(v) for v in size.lower().split("x"))
+        return name, (height, width), int(batch)
+    except ValueError:
+        raise SystemExit(f"--setting {text!r}: expected MODEL:HxW:BATCH, e.g. resnet18:128x96:128") from None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
@@ -176,35 +188,63 @@ def main() -> None:
     ap.add_argument("--persons", type=int, default=0, help="demo persons (default 1500, quick 150)")
     ap.add_argument("--data", type=Path, default=None, help="an existing competition folder instead of demo data")
     ap.add_argument("--extra", nargs="*", default=[], help="KEY=VALUE for (b), e.g. train.compile=true")
+    ap.add_argument(
+        "--compare",
+        nargs="*",
+        default=None,
+        help="KEY=VALUE for a second `pstage train` column (b'), measured in the same rounds: e.g. --extra augment.device=false --compare augment.device=true",
+    )
+    ap.add_argument(
+        "--setting",
+        nargs="*",
+        default=None,
+        help="MODEL:HxW:BATCH settings instead of the table's, e.g. tf_efficientnet_lite0:128x128:64 (pstage's defaults)",
+    )
+    ap.add_argument(
+        "--epochs", type=int, default=0, help="epochs of each pstage train (default 4, quick 3; the first is not timed)"
+    )
     args = ap.parse_args()
     device = torch.device(args.device)
-    settings = SETTINGS[:2] if args.quick else SETTINGS
+    settings = [_parse_setting(s) for s in args.setting] if args.setting else SETTINGS[:2] if args.quick else SETTINGS
     rounds = args.rounds or 2
     persons = args.persons or (150 if args.quick else 1500)
     steps = 20 if args.quick and args.device == "cpu" else 50
-    epochs = 3 if args.quick else 4
+    epochs = args.epochs or (3 if args.quick else 4)
     work = Path(tempfile.mkdtemp(prefix="pstage-throughput-"))
     os.environ.setdefault("XDG_CACHE_HOME", str(work / "cache"))
     data = args.data or make_demo_data(work / "data", persons=persons, eval_persons=max(10, persons // 10))
-    paths = sorted(p for p in (data / "train" / "images").rglob("*") if is_image(p.name) and not is_hidden(p.name))
+    # person folders may be symlinks (benchmarks/facemask.py's subsets): glob follows them, rglob does not
+    paths = sorted(p for p in (data / "train" / "images").glob("*/*") if is_image(p.name) and not is_hidden(p.name))
     console = Console(width=140)
     results: dict[str, dict[str, list[float]]] = {}
     for r in range(rounds):
         for name, size, batch in settings:
             key = f"{name} {size[0]}x{size[1]}, batch {batch}"
-            got = results.setdefault(key, {"a": [], "b": [], "c": []})
+            got = results.setdefault(
+                key, {"a": [], "b": [], "b2": [], "c": []} if args.compare is not None else {"a": [], "b": [], "c": []}
+            )
             got["a"].append(model_only(name, size, batch, device, steps))
             got["b"].append(pstage_train(name, size, batch, args.device, data, work / "runs", epochs, args.extra))
+            if args.compare is not None:
+                got["b2"].append(
+                    pstage_train(name, size, batch, args.device, data, work / "runs", epochs, args.compare)
+                )
             got["c"].append(pil_baseline(name, size, batch, device, paths, steps))
             console.print(f"round {r + 1}: {key}: " + ", ".join(f"{k} {v[-1]:,.0f}" for k, v in got.items()))
     table = Table(title=f"img/s on {args.device} ({os.cpu_count()} cores), {len(paths):,} photos, rounds {rounds}")
-    for col in ("setting", "(a) model only", "(b) pstage train", "(c) PIL baseline", "b/a", "b/c"):
+    compared = [f"(b') {' '.join(args.compare)}", "b'/a", "b'/b"] if args.compare is not None else []
+    for col in ("setting", "(a) model only", "(b) pstage train", "(c) PIL baseline", "b/a", "b/c", *compared):
         table.add_column(col, justify="left" if col == "setting" else "right")
+
+    def ratio(top: str, bottom: str) -> float:  # the median of the per-round ratios
+        return statistics.median(x / y for x, y in zip(got[top], got[bottom], strict=True))
+
     for key, got in results.items():
         a, b, c = (statistics.median(got[k]) for k in "abc")
-        ba = statistics.median(x / y for x, y in zip(got["b"], got["a"], strict=True))
-        bc = statistics.median(x / y for x, y in zip(got["b"], got["c"], strict=True))
-        table.add_row(key, f"{a:,.0f}", f"{b:,.0f}", f"{c:,.0f}", f"{ba:.2f}", f"{bc:.2f}")
+        row = [key, f"{a:,.0f}", f"{b:,.0f}", f"{c:,.0f}", f"{ratio('b', 'a'):.2f}", f"{ratio('b', 'c'):.2f}"]
+        if args.compare is not None:
+            row += [f"{statistics.median(got['b2']):,.0f}", f"{ratio('b2', 'a'):.2f}", f"{ratio('b2', 'b'):.2f}"]
+        table.add_row(*row)
     console.print(table)
     shutil.rmtree(work, ignore_errors=True)
 
