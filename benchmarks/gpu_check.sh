@@ -9,7 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WHEELS="albumentations==2.0.8 albucore==0.0.24 stringzilla simsimd pydantic pydantic-core annotated-types
-typing-inspection typing_extensions>=4.16 optuna alembic colorlog sqlalchemy kornia==0.9.0 kornia-rs"
+typing-inspection typing_extensions>=4.16 optuna alembic colorlog sqlalchemy"
 if [ "${1:-}" = "--fetch" ]; then
     grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo /.whl/ >> .git/info/exclude
     for w in $WHEELS; do

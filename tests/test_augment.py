@@ -9,8 +9,8 @@ from pstage.data.augment import build_transforms, mix_batch
 
 def test_presets():
     assert build_transforms(AugmentConfig(preset="none")) is None
-    basic = build_transforms(AugmentConfig(preset="basic"))
-    strong = build_transforms(AugmentConfig(preset="strong"))
+    basic = build_transforms(AugmentConfig(preset="basic", device=False))
+    strong = build_transforms(AugmentConfig(preset="strong", device=False))
     assert len(strong.transforms) > len(basic.transforms) > 0
     image = np.random.default_rng(0).integers(0, 255, (32, 24, 3), dtype=np.uint8)
     out = strong(image=image)["image"]

@@ -264,7 +264,14 @@ def test_a_done_run_stays_done_when_a_rerun_fails(demo_copy, tmp_path):
 
 def test_same_seed_same_run(demo_root, tmp_path):
     """Augmented training is reproducible: albumentations' own RNG is seeded per fold and per worker."""
-    overrides = [*FAST, "split.folds=2", "train.folds=[0]", "train.num_workers=1", "augment.preset=strong"]
+    overrides = [
+        *FAST,
+        "split.folds=2",
+        "train.folds=[0]",
+        "train.num_workers=1",
+        "augment.preset=strong",
+        "augment.device=false",
+    ]
     a = pstage.train(data=demo_root, runs=tmp_path, name="a", overrides=overrides)
     b = pstage.train(data=demo_root, runs=tmp_path, name="b", overrides=overrides)
     assert (a.path / "oof.csv").read_text() == (b.path / "oof.csv").read_text()

@@ -358,7 +358,7 @@ class AugmentConfig(Section):
     )
     device: Literal["auto"] | bool = Field(
         "auto",
-        description="Where the preset runs: true (batched on the training device after the transfer, kornia; the loader only slices the cache), false (albumentations per image in loader workers), auto = true with a CUDA device unless augment.transforms is set (on CPU the batched warp measured slower than albumentations in a worker: benchmarks/throughput.py).",
+        description="Where the preset runs: true (batched on the training device after the transfer: one warp, one colour map, blur/noise/erasing per image; the loader only slices the cache), false (albumentations per image in loader workers), auto = true on a CUDA device, and on a CPU for images up to 64x64, unless augment.transforms is set. 2 CPU cores, strong preset, pstage train img/s batched vs loader (benchmarks/throughput.py, interleaved rounds): resnet10t 64x48 1.10x on drawn faces (b/a 0.91 vs 0.81), 1.11-1.16x on real ones; tf_efficientnet_lite0 128x128 (the defaults) 1.04x drawn, 0.94-1.02x real (a facemask 15m run trained slower epochs batched), so larger images stay on the loader.",
     )
     cutmix: CutMixConfig = Field(default_factory=CutMixConfig)
     mixup: MixUpConfig = Field(default_factory=MixUpConfig)

@@ -1,5 +1,6 @@
 """Augmentation: albumentations per image in the loader (custom pipelines, or the presets with
-augment.device=false), CutMix/MixUp per batch; the presets run on the device by default (device_augment.py).
+augment.device=false, or auto on a CPU for images larger than 64x64), CutMix/MixUp per batch; otherwise
+the presets run batched on the training device (device_augment.py).
 
 Per-image transforms run on the cached uint8 images in the data loader; batch mixing runs in the
 training step on normalised tensors and mixes the (soft) targets with the same weights.
@@ -81,30 +82,46 @@ def _transform(index: int, spec: Any) -> A.BasicTransform:
         raise ConfigError(f"{where}: invalid parameters for {name}: {first[0] if first else exc}") from None
 
 
-def on_device(cfg: AugmentConfig) -> bool:
-    """Whether the preset runs on the device (device_augment.py): augment.device true/false, or auto =
-    on a CUDA machine unless ``augment.transforms`` lists a custom albumentations pipeline.
+SMALL_ON_CPU = 64 * 64  # pixels per image up to which the batched preset beats the loader on a CPU
 
-    Measured (benchmarks/throughput.py): on CPU the batched warp costs more than albumentations
-    in a loader worker, which also overlaps the model's step, so auto keeps CPUs on the loader.
+
+def on_device(cfg: AugmentConfig, image_size: tuple[int, int] | list[int] | None = None) -> bool:
+    """Whether the preset runs batched on the training device (device_augment.py) rather than per
+    image in the loader: augment.device true/false, or auto = unless ``augment.transforms`` lists a
+    custom albumentations pipeline (those stay per image), on a CUDA machine, and on a CPU for
+    images of at most 64x64 pixels (``image_size`` unknown counts as larger).
+
+    Measured on 2 CPU cores (benchmarks/throughput.py, strong preset, `pstage train` img/s batched
+    vs loader, interleaved rounds): resnet10t 64x48 1.10x on drawn faces, 1.11-1.16x on real ones
+    (albumentations' per-image overhead dominates small images, and its worker takes a core from
+    the model's two threads); resnet18 128x96 1.01x (drawn); the default tf_efficientnet_lite0
+    128x128 1.04x on drawn faces, 0.94-1.02x on real ones, and a facemask 15-minute run trained
+    slower epochs batched (per pixel, OpenCV on uint8 in a worker that overlaps the step is as
+    cheap as float warps inside the step).
     """
-    if cfg.device == "auto":
-        return cfg.transforms is None and torch.cuda.is_available()
     if cfg.device is True and cfg.transforms is not None:
         raise ConfigError(
             "augment.device=true runs the presets on the device; augment.transforms (albumentations, per image) runs in the loader: set augment.device=auto or false"
         )
+    if cfg.device == "auto":
+        if cfg.transforms is not None:
+            return False
+        if torch.cuda.is_available():
+            return True
+        return image_size is not None and image_size[0] * image_size[1] <= SMALL_ON_CPU
     return cfg.device is True
 
 
-def build_transforms(cfg: AugmentConfig, seed: int | None = None) -> A.Compose | None:
+def build_transforms(
+    cfg: AugmentConfig, seed: int | None = None, image_size: tuple[int, int] | list[int] | None = None
+) -> A.Compose | None:
     """The per-image training transforms (None when there are none or the preset runs on the
     device, so loading can batch-slice).
 
     albumentations keeps its own random state, which global seeding does not reach: ``seed``
     makes the draws reproducible (DataLoader workers re-seed it per worker, see datasets.py).
     """
-    if on_device(cfg):
+    if on_device(cfg, image_size):
         return None
     transforms = (
         [_transform(i, spec) for i, spec in enumerate(cfg.transforms)]

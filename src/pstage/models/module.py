@@ -80,7 +80,9 @@ class ClassifierModule(L.LightningModule):
             )
             weights = (class_weights or {}).get(head)
             self.register_buffer(f"weight_{head}", torch.tensor(weights) if weights else None, persistent=False)
-        self.augment = build_device_augment(cfg.augment)  # the preset, batched on the device (None: in the loader)
+        self.augment = build_device_augment(
+            cfg.augment, cfg.data.image_size
+        )  # the preset, batched on the device (None: in the loader)
         self.val_f1 = MulticlassF1Score(num_classes=self.task.num_classes, average="macro")
         self._rng = np.random.default_rng(cfg.seed)
 
@@ -91,8 +93,7 @@ class ClassifierModule(L.LightningModule):
     def _inputs(self, images: torch.Tensor, augment: bool = False) -> torch.Tensor:
         """uint8 NHWC -> the model's normalised input; ``augment``: the device preset first (training)."""
         if augment and self.augment is not None:
-            x = self.augment(images.permute(0, 3, 1, 2).float().div_(255.0)).mul_(255.0)
-            x = (x - self.model.mean) / self.model.std
+            x = self.augment(images, self.model.mean, self.model.std)
         else:
             x = self.model.normalize(images)
         return x if self.channels_last else x.contiguous()

@@ -132,7 +132,7 @@ def fit_model(job: FitJob) -> FitResult | None:
     ctx, cfg = job.context, job.context.cfg
     started = time.time()
     job.directory.mkdir(parents=True, exist_ok=True)
-    transform = build_transforms(cfg.augment, seed=job.seed)
+    transform = build_transforms(cfg.augment, seed=job.seed, image_size=cfg.data.image_size)
     training = training_rows(cfg, ctx.source, job.rows, ctx.test_cache, ctx.pseudo, transform)
     rows = training.rows
     L.seed_everything(job.seed, workers=True, verbose=False)

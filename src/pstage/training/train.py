@@ -401,7 +401,9 @@ def _run(
             )
         info["resolved"] = {
             "precision": precision,
-            "num_workers": resolve_workers(cfg.train.num_workers, build_transforms(cfg.augment) is not None),
+            "num_workers": resolve_workers(
+                cfg.train.num_workers, build_transforms(cfg.augment, image_size=cfg.data.image_size) is not None
+            ),
         }
         fit_cfg = _resolve_batch(cfg, previous, source, folds, precision)
         info["resolved"].update(batch_size=fit_cfg.train.batch_size, lr=fit_cfg.optim.lr)
