@@ -68,7 +68,9 @@ class DeviceAugment(nn.Module):
     def forward(self, images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
         """``mean``/``std``: (1, 3, 1, 1) in 0-255 units, as the classifier's normalisation."""
         n, h, w, _ = images.shape
-        draw = Draw.sample(torch.rand(n, 24).double().numpy(), h, w, self.preset)  # torch's seeded CPU generator
+        # 24 uniforms per image from torch's seeded CPU generator; columns: 0-5 warp, 6-12 colour,
+        # 14-18 blur/noise, 19-23 erasing (13 unused)
+        draw = Draw.sample(torch.rand(n, 24).double().numpy(), h, w, self.preset)
         theta, colour, blur_rows, kernels, noise_rows, noise_std = draw.on(images.device)
         with torch.autocast(images.device.type, enabled=False):  # augmentation in float32 under bf16/16-mixed training
             mean, std = mean.float().view(1, 3, 1), std.float().view(1, 3, 1)
