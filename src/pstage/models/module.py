@@ -80,9 +80,8 @@ class ClassifierModule(L.LightningModule):
             )
             weights = (class_weights or {}).get(head)
             self.register_buffer(f"weight_{head}", torch.tensor(weights) if weights else None, persistent=False)
-        self.augment = build_device_augment(
-            cfg.augment, cfg.data.image_size
-        )  # the preset, batched on the device (None: in the loader)
+        # the preset, batched on the device (None: per image in the loader, or no augmentation)
+        self.augment = build_device_augment(cfg.augment, cfg.data.image_size)
         self.val_f1 = MulticlassF1Score(num_classes=self.task.num_classes, average="macro")
         self._rng = np.random.default_rng(cfg.seed)
 
