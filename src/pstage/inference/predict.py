@@ -205,8 +205,8 @@ def predict(
         raise DataError(
             f"{path}: {reason}; fix or remove it, or set data.on_bad_image=skip to predict it from a blank image"
         )
-    views = tta or config.tta.train  # a run trained with tta.train predicted with its views: so does a re-run
-    probs = with_final_fit(run_dir, config, ensemble_probs(checkpoints, cache, config, tta=views), cache, views)
+    with_tta = tta or config.tta.train  # a run trained with tta.train predicted with its views: so does a re-run
+    probs = with_final_fit(run_dir, config, ensemble_probs(checkpoints, cache, config, tta=with_tta), cache, with_tta)
     probs, _ = group_test(info, checkpoints, cache.path, config, probs, task)  # as training decided (persons.*)
     if kind == "submission":
         frame = submission_frame(images, probs, task, test_format)
@@ -218,7 +218,7 @@ def predict(
     target.parent.mkdir(parents=True, exist_ok=True)
     write_csv(target, frame, float_format="%.6g")
     skipped = [f"{p}: {r} (predicted from a blank image)" for p, r in cache.bad.items()]
-    return Prediction(target, frame, kind, skipped, tta=describe_tta(config.tta) if views else None)
+    return Prediction(target, frame, kind, skipped, tta=describe_tta(config.tta) if with_tta else None)
 
 
 def _predict_with_tta(
