@@ -162,9 +162,8 @@ def build_model(plan: Plan) -> Any:
     import torch  # deferred: the ONNX serve path imports this module and runs without torch
     from torch import nn  # deferred: the ONNX serve path imports this module and runs without torch
 
-    # deferred: these import torch, which the ONNX serve path does without
-    from pstage.inference.predict import mean_over_views, tta_views
-    from pstage.models.checkpoint import load_fold_module
+    from pstage.inference.predict import mean_over_views, tta_views  # deferred: imports torch (see above)
+    from pstage.models.checkpoint import load_fold_module  # deferred: imports torch (see above)
 
     num_classes = plan.task.num_classes
 
