@@ -139,3 +139,23 @@ def test_measured_speed_drops_planned_folds_that_would_learn_too_little():
     assert budget.folds == [0, 1, 2, 3]
     assert _trim_folds(cfg, budget, folds, None, [1, 2], False) == [1, 2]  # what fits stays
     assert budget.affordable([(800, 200, 0)] * 2 + [(1000, 0, 0)], 3, fixed=1) == 2  # the final fit always runs
+
+
+def test_the_fold_plan_and_its_recheck_are_one_search():
+    """The plan before the run (which also pays for the cache) and the re-check after a fold ask the
+    same question, so on the same speed they agree; the grouping pass is reserved per planned fold."""
+    from pstage.training.train import _plan_folds
+
+    speed = Speed(train_image_s=0.01, predict_image_s=0.005, decode_image_s=0.001)
+    budget = Budget(100, time.time(), speed, 10)
+    budget.overhead_s = 1.0
+    cfg = load_config(None, ["train.min_epochs=3"])
+    fold = (800, 200, 0)  # 3 x 9 s + 1 s = 28 s per fold
+    assert _plan_folds(cfg, budget, 0.0, fold, []) == [0, 1, 2]
+    assert budget.affordable([fold] * 5, 3) == 3
+    assert _plan_folds(cfg, budget, 30.0, fold, []) == [0, 1]  # the cache first: one fold fewer
+    assert _plan_folds(cfg, budget, 99.0, fold, []) == [0]  # always at least fold 0 (the minimum check refuses)
+    budget.grouping_per_fold = 2000  # 10 s of grouping per fold: 3 x (28 + 10) > 98 s
+    assert _plan_folds(cfg, budget, 0.0, fold, []) == [0, 1]
+    assert budget.affordable([fold] * 2, 3) == 2
+    assert budget.affordable([fold] * 2, 3, done=3) == 1  # folds already trained are grouped too

@@ -191,12 +191,14 @@ class Budget:
         self.grouping_per_fold = 0.0  # images predicted again after the last model, per fold (set by train.py)
         self.record: Callable[[], None] = lambda: None
 
-    def reserve(self) -> float:
+    def reserve(self, folds: int | None = None) -> float:
         """Seconds kept for the work after the last model: the run's outputs, and the person
         grouping's second pass over the OOF and test images of every fold (``grouping_per_fold``; 6%
-        of a 15-minute 5-fold run on facemask, which overran the budget before it was counted)."""
+        of a 15-minute 5-fold run on facemask, which overran the budget before it was counted).
+        ``folds``: how many folds the run trains (default: the plan's)."""
         per_image = self.rates["val_image_s"] if self.rates is not None else self.speed.predict_image_s
-        return END_RESERVE_S + self.grouping_per_fold * len(self.folds or []) * per_image
+        folds = len(self.folds or []) if folds is None else folds
+        return END_RESERVE_S + self.grouping_per_fold * folds * per_image
 
     def left(self) -> float:
         return self.deadline - time.time()
@@ -221,13 +223,18 @@ class Budget:
             need += self.epoch_s(n_train, n_val) + self.overhead(n_val + n_test)
         return need
 
-    def affordable(self, models: list[tuple[int, int, int]], epochs: int, fixed: int = 0) -> int:
-        """How many of ``models`` ((n_train, n_val, n_test) each, in order) still get ``epochs`` epochs
-        and their predictions in the time left, after the last ``fixed`` of them, which always run."""
+    def affordable(
+        self, models: list[tuple[int, int, int]], epochs: int, fixed: int = 0, done: int = 0, before: float = 0.0
+    ) -> int:
+        """How many of the fold ``models`` ((n_train, n_val, n_test) each, in order) still get ``epochs``
+        epochs and their predictions in the time left, with the last ``fixed`` of them (the final
+        fit), which always run. ``done``: folds already trained (the grouping pass covers them too);
+        ``before``: seconds of other work first (the cache, when the run has not started). The one
+        search behind both the fold plan before a run and its re-check after each fold."""
         for m in range(len(models) - fixed, -1, -1):
             chosen = models[:m] + models[len(models) - fixed :]
-            need = self.reserve() + sum(epochs * self.epoch_s(t, v) + self.overhead(v + p) for t, v, p in chosen)
-            if need <= self.left():
+            work = sum(epochs * self.epoch_s(t, v) + self.overhead(v + p) for t, v, p in chosen)
+            if before + self.reserve(done + m) + work <= self.left():
                 return m
         return 0
 

@@ -210,7 +210,7 @@ def _check_budget(cfg: Config, started: float) -> Preflight:
     wanted = _wanted(cfg)
     budget.grouping_per_fold = _grouping_per_fold(cfg, source)
     if _budget_plans_folds(cfg):
-        wanted = _plan_folds(cfg, budget, time.time() - started, cache_s, fold, final)
+        wanted = _plan_folds(cfg, budget, cache_s, fold, final)
     budget.folds = wanted
     minimum = budget.minimum(time.time() - started, cache_s, [fold] * len(wanted) + final)
     if cfg.train.time < minimum:
@@ -243,27 +243,14 @@ def _grouping_per_fold(cfg: Config, source: Source) -> float:
 
 
 def _plan_folds(
-    cfg: Config,
-    budget: Budget,
-    elapsed: float,
-    cache_s: float,
-    fold: tuple[int, int, int],
-    final: list[tuple[int, int, int]],
+    cfg: Config, budget: Budget, cache_s: float, fold: tuple[int, int, int], final: list[tuple[int, int, int]]
 ) -> list[int]:
     """The first m of the split's folds, m as large as gives each model ``train.min_epochs`` epochs
     (capped by ``train.epochs``) in the budget, at least 1. A budget split into K models of one or
     two epochs each learns little (issue #12's 300-person row); fewer, longer-trained models win."""
-    n_train, n_val, n_test = fold
     want = min(cfg.train.min_epochs, cfg.train.epochs)
-    k = cfg.split.folds
-    for m in range(k, 0, -1):
-        models = [fold] * m + final
-        budget.folds = list(range(m))
-        spare = cfg.train.time - budget.minimum(elapsed, cache_s, models)  # after one epoch of each
-        extra_epochs = spare / max(1, len(models)) / budget.epoch_s(n_train, n_val)
-        if 1 + extra_epochs >= want:
-            return list(range(m))
-    return [0]
+    models = [fold] * cfg.split.folds + final
+    return list(range(max(1, budget.affordable(models, want, fixed=len(final), before=cache_s))))
 
 
 RANK_ZERO_WAIT_S = float(os.environ.get("PSTAGE_RANK_ZERO_WAIT_S", "600"))
@@ -465,7 +452,8 @@ def _trim_folds(
     models = [(len(folds) - int(sizes.get(k, 0)), int(sizes.get(k, 0)), n_test) for k in queue]
     final = [(len(folds), 0, n_test)] if final_pending else []
     want = min(cfg.train.min_epochs, cfg.train.epochs)
-    keep = budget.affordable(models + final, want, fixed=len(final))
+    done = len(budget.folds or []) - len(queue)
+    keep = budget.affordable(models + final, want, fixed=len(final), done=done)
     if keep >= len(queue):
         return queue
     dropped = queue[keep:]
