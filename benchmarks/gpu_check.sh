@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared GPU check (issues #12 GPU profile, #13 throughput): run it on a lent GPU machine.
+# One prepared GPU check (issues #12 GPU target and profile, #13 throughput): run it on a lent GPU machine.
 #
 # Here (once, in the repo root): fetch the cp312 wheels the GPU image lacks and the facemask
 # source (the 2,000 faces the build below uses, and its builder; never committed), all git-ignored:
@@ -9,7 +9,7 @@
 #                                            #   train.compile on/off, the throughput table last
 #   bash benchmarks/gpu_check.sh facemask    # #12, carry [".whl", ".whl-faces", ".facemask"] (~63 MiB):
 #                                            #   build 1,500 + 500 real-face persons, `pstage train
-#                                            #   train.time=7m` (profile auto = gpu), eval macro F1 last
+#                                            #   train.time=7m` (the defaults), eval macro F1 last
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # .whl: what every pstage command imports; .whl-tune: pstage tune; .whl-faces: the RetinaFace crop
@@ -51,7 +51,7 @@ OUT=${OUT:-/tmp/gpu-check}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
 if [ "${1:-}" = "facemask" ]; then
     # the issue's held-out size (1,500 train persons), eval persons disjoint; then the defaults as a
-    # GPU user meets them: profile auto (gpu here), face crop, TTA, person grouping, all in the budget
+    # GPU user meets them: face crop, TTA, person grouping, all in the budget
     time python3 .facemask/build.py /tmp/fm --train 1500 --eval 500 > "$OUT/build.txt"
     python3 benchmarks/facemask.py --data /tmp/fm --runs /tmp/fm-runs --only default-7m --cold 2>&1 |
         tee "$OUT/facemask.txt" | grep -v "^  fold" | tail -20
