@@ -34,7 +34,7 @@ from sklearn.metrics import f1_score
 SETTINGS: dict[str, list[str]] = {
     "default-15m": ["train.time=15m"],
     "default-4m": ["train.time=4m"],
-    # gpu_check.sh facemask: the build (~2-3 min) and 6m (+10%) fit one 600 s device call
+    # gpu_check.sh facemask: the build (48 s on 2 cores here) and 6m (+10%) fit one 600 s device call
     "default-6m": ["train.time=6m"],
     "defaults": [],
 }
