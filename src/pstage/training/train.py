@@ -242,13 +242,18 @@ def _grouping_per_fold(cfg: Config, source: Source) -> float:
     return len(source.train) / cfg.split.folds + len(source.test)
 
 
+def _least_epochs(cfg: Config) -> int:
+    """The epochs each budget-planned fold must get: train.min_epochs, capped by train.epochs."""
+    return min(cfg.train.min_epochs, cfg.train.epochs)
+
+
 def _plan_folds(
     cfg: Config, budget: Budget, cache_s: float, fold: tuple[int, int, int], final: list[tuple[int, int, int]]
 ) -> list[int]:
     """The first m of the split's folds, m as large as gives each model ``train.min_epochs`` epochs
     (capped by ``train.epochs``) in the budget, at least 1. A budget split into K models of one or
     two epochs each learns little (issue #12's 300-person row); fewer, longer-trained models win."""
-    want = min(cfg.train.min_epochs, cfg.train.epochs)
+    want = _least_epochs(cfg)
     models = [fold] * cfg.split.folds + final
     return list(range(max(1, budget.affordable(models, want, fixed=len(final), before=cache_s))))
 
@@ -451,7 +456,7 @@ def _trim_folds(
     sizes = folds["fold"].value_counts()
     models = [(len(folds) - int(sizes.get(k, 0)), int(sizes.get(k, 0)), n_test) for k in queue]
     final = [(len(folds), 0, n_test)] if final_pending else []
-    want = min(cfg.train.min_epochs, cfg.train.epochs)
+    want = _least_epochs(cfg)
     done = len(budget.folds or []) - len(queue)
     keep = budget.affordable(models + final, want, fixed=len(final), done=done)
     if keep >= len(queue):
