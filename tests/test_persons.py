@@ -70,6 +70,34 @@ def test_two_unmasked_photos_never_share_a_group():
     assert groups[states == 1][0] != groups[states == 1][1]
 
 
+def test_photos_without_features_stay_alone_and_the_rest_still_group():
+    """Zero vectors (a tiny input switching every ReLU off, seen at 32x24 on real faces) and non-finite
+    ones have no cosine: they must neither crash the linkage (NaN distances) nor join anyone."""
+    case = persons_case(persons=20, seed=3)
+    embeddings = case["embeddings"].copy()
+    blank = np.zeros(len(embeddings), bool)
+    blank[[0, 1, 9, 30]] = True  # two photos of person 0, one of person 1, one of person 4
+    embeddings[[0, 1, 9]] = 0.0
+    embeddings[30, 5] = np.nan
+    groups = group_photos(embeddings, case["probs"], TASK, threshold=0.5)
+    sizes = np.bincount(groups)
+    assert (sizes[groups[blank]] == 1).all(), "a photo without features joined a group"
+    rest = ~blank
+    assert purity(groups[rest], case["person"][rest])["ari"] > 0.95
+    # every photo blank (a degenerate model): one group per photo, never an error
+    zeros = np.zeros_like(embeddings)
+    assert len(np.unique(group_photos(zeros, case["probs"], TASK, threshold=0.5))) == len(zeros)
+    choice = choose_threshold(
+        pd.DataFrame(
+            {"image_id": map(str, range(len(zeros))), "fold": case["person"] % 2, "target": case["truth"]}
+        ).join(pd.DataFrame(case["probs"], columns=prob_columns(18))),
+        zeros,
+        case["person"].astype(str),
+        TASK,
+    )
+    assert choice.purity["groups"] == len(zeros)
+
+
 def test_threshold_chosen_on_oof_raises_the_cv():
     case = persons_case(persons=80, seed=1)
     fold = (case["person"] % 2).astype(int)  # persons never cross folds

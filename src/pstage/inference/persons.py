@@ -123,11 +123,31 @@ def group_tree(embeddings: np.ndarray, states: np.ndarray | None = None) -> np.n
     n = len(embeddings)
     if n < 2:
         return np.zeros((0, 4))
-    distances = np.clip(pdist(embeddings.astype(np.float64), "cosine"), 0.0, 2.0)
+    distances = cosine_distances(embeddings)
     if states is not None:
         i, j = np.triu_indices(n, k=1)  # pdist's condensed order
         distances[(states[i] == states[j]) & (states[i] > 0)] = FORBIDDEN
     return linkage(distances, method="average")
+
+
+def cosine_distances(embeddings: np.ndarray) -> np.ndarray:
+    """Condensed cosine distances (pdist order, in [0, 2]), finite whatever the rows hold.
+
+    A row that is all zeros (a tiny input can switch every ReLU off: seen with 32x24 real faces)
+    or holds a non-finite value (an overflow under 16-bit autocast) has no direction: it is at
+    distance 1.0 (orthogonal) from every photo, so it joins no group below the cuts searched and
+    keeps its own prediction, instead of a NaN that the linkage rejects.
+    """
+    x = np.asarray(embeddings, dtype=np.float64)
+    finite = np.isfinite(x).all(axis=1)
+    norms = np.linalg.norm(np.where(finite[:, None], x, 0.0), axis=1)
+    blank = ~finite | (norms <= 1e-12)
+    unit = np.where(blank[:, None], 0.0, x / np.where(blank, 1.0, norms)[:, None])
+    distances = np.clip(pdist(unit, "sqeuclidean") / 2.0, 0.0, 2.0)  # |a - b|^2 / 2 = 1 - cos on unit vectors
+    if blank.any():
+        i, j = np.triu_indices(len(x), k=1)
+        distances[blank[i] | blank[j]] = 1.0
+    return distances
 
 
 def cut(tree: np.ndarray, n: int, threshold: float) -> np.ndarray:
@@ -284,7 +304,7 @@ def group_run(
     choice = choose_threshold(oof, embeddings, persons, task, config.persons.threshold)
     cols = prob_columns(task.num_classes)
     grouped_oof = oof[["image_id", "fold", "target"]].assign(person=choice.groups)
-    write_csv(run_dir / "oof_persons.csv", pd.concat([grouped_oof, pd.DataFrame(choice.probs, columns=cols)], axis=1))
+    outputs = {"oof_persons.csv": pd.concat([grouped_oof, pd.DataFrame(choice.probs, columns=cols)], axis=1)}
     applied = config.persons.group == "on" or choice.gain > 0
     record: dict[str, Any] = {
         "group": config.persons.group,
@@ -301,15 +321,14 @@ def group_run(
         features = fold_embeddings(list(by_fold.values()), test_cache, config, count=len(raw))
         groups = group_photos(features, probs, task, choice.threshold)
         pooled = pool(probs, groups, task)
-        write_csv(run_dir / "test_raw.csv", raw, float_format="%.6g")
-        write_csv(run_dir / "persons.csv", pd.DataFrame({"image_id": raw["image_id"], "person": groups}))
-        write_csv(
-            run_dir / "test.csv",
-            pd.concat([raw[["image_id"]], pd.DataFrame(pooled, columns=cols)], axis=1),
-            float_format="%.6g",
-        )
-        write_csv(run_dir / "submission.csv", submission_frame(test, pooled, task, test_format))
+        outputs["test_raw.csv"] = raw
+        outputs["persons.csv"] = pd.DataFrame({"image_id": raw["image_id"], "person": groups})
+        outputs["test.csv"] = pd.concat([raw[["image_id"]], pd.DataFrame(pooled, columns=cols)], axis=1)
+        outputs["submission.csv"] = submission_frame(test, pooled, task, test_format)
         record["test_groups"] = int(groups.max() + 1) if len(groups) else 0
+    # written only once everything is computed: a failure above leaves the run's files as they were
+    for name, frame in outputs.items():
+        write_csv(run_dir / name, frame, float_format="%.6g" if name in ("test_raw.csv", "test.csv") else None)
     return record
 
 
