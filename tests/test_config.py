@@ -84,3 +84,37 @@ def test_runs_saved_before_tta_train_existed_stay_single_view(tmp_path):
     assert load_run_config(path).tta.train is False
     path.write_text("tta:\n  train: true\n  hflip: true\n")
     assert load_run_config(path).tta.train is True
+
+
+@pytest.mark.parametrize(
+    ("value", "canonical"),
+    [
+        ("32", "32-true"),
+        ("16", "16-mixed"),
+        ("bf16", "bf16-mixed"),
+        ("64", "64-true"),
+        ("'32'", "32-true"),
+        ("bf16-mixed", "bf16-mixed"),
+        ("32-true", "32-true"),
+        ("auto", "auto"),
+    ],
+)
+def test_precision_takes_what_lightning_takes_in_its_canonical_spelling(value, canonical):
+    """train.precision=32 (an int once parsed as YAML) was refused ("Input should be a valid string")."""
+    assert load_config(None, [f"train.precision={value}"]).train.precision == canonical
+    if value.isdigit():  # a config file's `precision: 32` is an int too
+        assert Config.model_validate({"train": {"precision": int(value)}}).train.precision == canonical
+
+
+def test_precision_refusals_are_one_line_and_cpu_fp16_autocast_is_bf16():
+    from pstage.core.devices import resolve_precision
+
+    with pytest.raises(ConfigError, match="train.precision.*expected one of auto, 32-true") as info:
+        load_config(None, ["train.precision=fp8"])
+    assert "\n" not in str(info.value)
+    with pytest.raises(ConfigError, match="train.precision"):
+        load_config(None, ["train.precision=true"])
+    assert resolve_precision("16-mixed", "cpu") == "bf16-mixed"  # what Lightning runs there, said and predicted alike
+    assert resolve_precision("32-true", "cpu") == "32-true"
+    with pytest.raises(ConfigError, match="transformer-engine needs a CUDA GPU"):
+        resolve_precision("transformer-engine", "cpu")

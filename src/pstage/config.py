@@ -237,6 +237,22 @@ def parse_duration(value: Any) -> float:
     return seconds
 
 
+# Lightning's precision values (lightning.fabric.plugins.precision.precision), copied rather than
+# imported: the config loads without Lightning (pstage --help, pstage config stay fast).
+PRECISIONS = (
+    "auto",
+    "32-true",
+    "bf16-mixed",
+    "bf16-true",
+    "16-mixed",
+    "16-true",
+    "64-true",
+    "transformer-engine",
+    "transformer-engine-float16",
+)
+PRECISION_ALIASES = {"32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed", "64": "64-true"}  # Lightning's own
+
+
 class TrainConfig(Section):
     epochs: int = Field(
         10,
@@ -258,7 +274,7 @@ class TrainConfig(Section):
     )
     precision: str = Field(
         "auto",
-        description="auto picks bf16-mixed where the device computes bf16 fast (recent GPUs, CPUs with AMX/AVX512-BF16), 16-mixed on older GPUs, else 32-true; or any Lightning precision.",
+        description="auto picks bf16-mixed where the device computes bf16 fast (recent GPUs, CPUs with AMX/AVX512-BF16), 16-mixed on older GPUs, else 32-true; or any Lightning precision (32, 16, bf16, 64 as ints or strings mean 32-true, 16-mixed, bf16-mixed, 64-true; 16-mixed runs as bf16-mixed on a CPU). The run's first line and run.json (resolved.precision) say what was used.",
     )
     channels_last: Literal["auto", "on", "off"] | bool = Field(
         "auto", description="NHWC memory layout; auto turns it on for CNNs (+15-35% on this CPU, more on tensor cores)."
@@ -307,23 +323,18 @@ class TrainConfig(Section):
     def _duration(cls, value: Any) -> float | None:
         return None if value is None else parse_duration(value)
 
-    @field_validator("precision")
+    @field_validator("precision", mode="before")
     @classmethod
-    def _known_precision(cls, value: str) -> str:
-        allowed = [
-            "auto",
-            "32-true",
-            "32",
-            "bf16-mixed",
-            "bf16-true",
-            "16-mixed",
-            "16-true",
-            "64-true",
-            "transformer-engine",
-        ]
-        if value not in allowed:
-            raise ValueError(f"expected one of {', '.join(allowed)}")
-        return value
+    def _known_precision(cls, value: Any) -> str:
+        """What Lightning's Trainer accepts (ints and its aliases included), kept in its canonical spelling."""
+        if isinstance(value, int | float) and not isinstance(value, bool) and value in (16, 32, 64):
+            value = str(int(value))
+        text = str(value).strip()
+        text = PRECISION_ALIASES.get(text, text)
+        if text not in PRECISIONS:
+            shown = ", ".join([*PRECISIONS, *PRECISION_ALIASES])
+            raise ValueError(f"expected one of {shown}")
+        return text
 
 
 DEFAULT_BATCH = 64  # train.batch_size=auto off the GPU, and before pstage train resolves it

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from functools import lru_cache
 
 import torch
+
+from pstage.core.errors import ConfigError
 
 
 @lru_cache(maxsize=1)
@@ -28,7 +31,22 @@ def cuda_in_use(accelerator: str) -> bool:
 
 
 def resolve_precision(precision: str, accelerator: str) -> str:
-    """``auto`` -> bf16-mixed on bf16-capable GPUs/CPUs, 16-mixed on older GPUs, else 32-true."""
+    """The precision a run trains and predicts with (what run.json and the run's first line say).
+
+    ``auto`` -> bf16-mixed on bf16-capable GPUs/CPUs, 16-mixed on older GPUs, else 32-true.
+    ``16-mixed`` off the GPU becomes bf16-mixed, as Lightning itself does (fp16 autocast does not
+    run on a CPU), so prediction uses what training used; transformer-engine needs its package
+    and a GPU, refused in one line otherwise.
+    """
+    if precision.startswith("transformer-engine"):
+        if not cuda_in_use(accelerator) or importlib.util.find_spec("transformer_engine") is None:
+            raise ConfigError(
+                f"train.precision={precision} needs a CUDA GPU and NVIDIA's transformer_engine package; "
+                "use train.precision=auto (or bf16-mixed)"
+            )
+        return precision
+    if precision == "16-mixed" and not cuda_in_use(accelerator):
+        return "bf16-mixed"
     if precision != "auto":
         return precision
     if cuda_in_use(accelerator):
