@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import difflib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import pstage.core.compat  # noqa: F401
 
 import timm
 import torch
 import torch.nn.functional as F
+from timm.models import get_pretrained_cfg
 from torch import nn
 
 from pstage.core.errors import ConfigError
@@ -224,6 +226,19 @@ def check_model_name(name: str) -> None:
     raise ConfigError(f"model.name: timm has no model '{name}'{hint}")
 
 
+def check_model_input(name: str, input_size: Sequence[int], pool: str = "avg") -> None:
+    """Refuse, in one line and before a run starts, a model that cannot take the run's image size or
+    pooling: the same backbone and probe as training, without loading any weights."""
+    Classifier(name, {"class": 2}, pretrained=False, pool=pool, input_size=tuple(input_size))
+
+
+def _size_arguments(name: str, input_size: Sequence[int]) -> dict[str, Any]:
+    """``img_size`` for models whose token grid is fixed when built (timm's ``fixed_input_size``:
+    ViT, Swin, MaxViT, CoAtNet, ...), so they take the run's data.image_size; nothing for CNNs."""
+    cfg = get_pretrained_cfg(name.partition(".")[0])
+    return {"img_size": tuple(input_size)} if cfg is not None and cfg.fixed_input_size else {}
+
+
 def _output_shape(backbone: nn.Module, name: str, input_size: tuple[int, int]) -> torch.Size:
     """Shape of the backbone's output for one image of ``input_size``, or a ConfigError if it cannot take it.
 
@@ -236,9 +251,10 @@ def _output_shape(backbone: nn.Module, name: str, input_size: tuple[int, int]) -
     try:
         with torch.no_grad():
             shape = backbone(torch.zeros(1, 3, *input_size)).shape
-    except RuntimeError as exc:
+    except (RuntimeError, AssertionError, ValueError) as exc:  # timm's shape checks assert; torch's ops raise
         raise ConfigError(
-            f"model.name={name} cannot take data.image_size={list(input_size)} ({str(exc).splitlines()[0]}): use a larger image size"
+            f"model.name={name} cannot take data.image_size={list(input_size)} ({str(exc).splitlines()[0]}): "
+            "choose a size it accepts (usually larger, or a multiple of its patch size)"
         ) from None
     backbone.train(was_training)
     return shape
@@ -271,7 +287,12 @@ class Classifier(nn.Module):
         check_model_name(name)
         try:
             self.backbone = create_backbone(
-                name, pretrained, weights, num_classes=0, global_pool="" if pool == "gem" else "avg"
+                name,
+                pretrained,
+                weights,
+                num_classes=0,
+                global_pool="" if pool == "gem" else "avg",
+                **_size_arguments(name, input_size),
             )
         except ConfigError:
             raise
