@@ -118,3 +118,13 @@ def test_precision_refusals_are_one_line_and_cpu_fp16_autocast_is_bf16():
     assert resolve_precision("32-true", "cpu") == "32-true"
     with pytest.raises(ConfigError, match="transformer-engine needs a CUDA GPU"):
         resolve_precision("transformer-engine", "cpu")
+
+
+def test_on_off_switches_survive_yaml_booleans():
+    """`train.final_fit=off` on the command line is YAML's False: it was refused ("Input should be 'off'")."""
+    cfg = load_config(None, ["train.final_fit=off", "persons.group=on", "train.channels_last=false"])
+    assert (cfg.train.final_fit, cfg.persons.group) == ("off", "on")
+    assert cfg.train.channels_last is False  # a setting that takes a bool keeps it
+    assert load_config(None, ["persons.group=off"]).persons.group == "off"
+    with pytest.raises(ConfigError, match="train.final_fit"):
+        load_config(None, ["train.final_fit=on"])  # no such word: still refused

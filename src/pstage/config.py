@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
+from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
@@ -43,10 +44,35 @@ Size = Annotated[tuple[int, int], BeforeValidator(_pair)]
 # closest one.
 
 
+def _switch_words(annotation: Any) -> set[str]:
+    """The words of a Literal setting (``Literal["auto", "on", "off"]``); none when it also takes a bool."""
+    args = get_args(annotation) if get_origin(annotation) in (Union, UnionType) else (annotation,)
+    if bool in args:
+        return set()
+    return {w for a in args if get_origin(a) is Literal for w in get_args(a) if isinstance(w, str)}
+
+
 class Section(BaseModel):
     """A config section: unknown keys are errors, values are re-validated on assignment."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _yaml_switches(cls, values: Any) -> Any:
+        """YAML reads on/off (and yes/no) as booleans: give a switch whose words include off/on its word back
+        (``train.final_fit=off``, ``persons.group=on``); fields that take a bool themselves keep it."""
+        if not isinstance(values, dict):
+            return values
+        out = dict(values)
+        for key, value in values.items():
+            field = cls.model_fields.get(key)
+            if isinstance(value, bool) and field is not None:
+                words = _switch_words(field.annotation)
+                word = "on" if value else "off"
+                if word in words:
+                    out[key] = word
+        return out
 
 
 class BorderlineConfig(Section):
@@ -584,12 +610,6 @@ class PersonsConfig(Section):
         le=2.0,
         description="Cosine-distance cut of the grouping; null: the cut with the best grouped OOF CV.",
     )
-
-    @field_validator("group", mode="before")
-    @classmethod
-    def _yaml_switch(cls, value: Any) -> Any:
-        """YAML reads on/off as booleans: map them back to the switch's words."""
-        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
 
 class Config(Section):
