@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pstage.core.console import first_line
 from pstage.core.errors import PstageError, RunError
 from pstage.core.io import read_json, sha256_file, write_json
 from pstage.runs.rundir import PULLED, RUN_FILE, RunDir, resolve_run
@@ -727,10 +728,11 @@ def publish_after(
         return None
     try:
         done = publish(path, uri, runs_dir=runs_dir, checkpoints=checkpoints)
-    except StoreError as exc:
+    except Exception as exc:  # noqa: BLE001 - whatever the store or the network did, the finished run stays
+        reason = str(exc) if isinstance(exc, PstageError) else first_line(exc)
         if say:
             say(
-                f"not published: {exc}; the run is kept locally, publish it later: "
+                f"not published: {reason}; the run is kept locally, publish it later: "
                 f"pstage push {path} --store {masked(uri)}"
             )
         return None

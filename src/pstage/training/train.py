@@ -30,7 +30,7 @@ from lightning.pytorch.callbacks import Callback
 from timm.optim import list_optimizers
 
 from pstage.config import Config, diff_configs, dump_config, load_config, load_run_config
-from pstage.core.console import console, quiet_lightning
+from pstage.core.console import console, optional_step, quiet_lightning
 from pstage.core.devices import inference_device, is_rank_zero, resolve_precision
 from pstage.core.errors import ConfigError, DataError, RunError
 from pstage.core.io import now, write_csv
@@ -43,7 +43,7 @@ from pstage.data.sources import Source, detect_kind, load_source
 from pstage.data.split import check_folds, make_folds
 from pstage.inference.persons import describe_grouping, group_run, resolve_group
 from pstage.inference.predict import blend_final, fold_checkpoints, tta_views
-from pstage.models.classifier import check_model_name
+from pstage.models.classifier import check_model_input, check_model_name
 from pstage.models.weights import resolve_weights
 from pstage.runs.rundir import FINAL_DIR, RunDir, RunInfo, RunLock, provenance, submission_frame
 from pstage.runs.store import publish_after, store_uri
@@ -146,12 +146,14 @@ def train(
     if not Path(cfg.data.path).exists():
         raise DataError(f"data path {cfg.data.path} does not exist")
     check_model_name(cfg.model.name)
+    check_model_input(cfg.model.name, cfg.data.image_size, cfg.model.pool)
     check_optimizer(cfg.optim.name)
     check_names(cfg)
     if cfg.model.weights:
         cfg.model.weights = str(Path(cfg.model.weights).expanduser().resolve())
     # before the run folder exists: a bad weights file (or pretrained=true with none) fails here
     resolve_weights(cfg.model.name, cfg.model.pretrained, cfg.model.weights)
+    resolve_precision(cfg.train.precision, cfg.train.accelerator)  # a precision this machine cannot run: refused now
     if cfg.data.borderline.years or cfg.model.age_head == "regress":  # recipes that need numeric ages
         check_recipe_data(cfg, cfg.data.source if cfg.data.source != "auto" else detect_kind(Path(cfg.data.path)))
     resolve_teacher(cfg, runs)
@@ -373,6 +375,7 @@ def _run(
     try:
         source = preflight.source if preflight is not None else load_source(cfg.data)
         check_recipes(cfg, source)
+        resolve_group(cfg.persons.group, source.task)  # persons.group=on for a task it cannot serve: refused now
         info.update(task=source.task.to_dict(), classes=source.task.classes, submission_format=source.test_format)
         if cfg.train.time is not None:
             budget = _open_budget(cfg, source, precision, clock, previous.get("time_budget"), preflight)
@@ -416,13 +419,16 @@ def _run(
             if budget is not None and queue and _budget_plans_folds(cfg):
                 queue = _trim_folds(cfg, budget, folds, test_cache, queue, final_pending)
             record("running")
-        if final_pending:
-            fit_final(ctx, budget)
+        final_skipped = None
+        if final_pending:  # the folds' models make the outputs if the final fit cannot
+            _, final_skipped = optional_step("final fit", lambda: fit_final(ctx, budget))
         if not rank0:
             return None
         cv = _write_outputs(run_dir, source, test_cache, cfg.train.final_fit)
         persons = _group_persons(cfg, run_dir, source, train_cache, test_cache)
         recipes = _recipes_summary(cfg, run_dir, pseudo)
+        if final_skipped:
+            recipes["final_fit"] = {"mode": cfg.train.final_fit, "skipped": final_skipped}
         record(
             "done",
             cv=cv,
@@ -488,18 +494,26 @@ def _resolve_batch(cfg: Config, previous: RunInfo, source: Source, folds: pd.Dat
 def _group_persons(
     cfg: Config, run_dir: Path, source: Source, train_cache: CacheInfo, test_cache: CacheInfo | None
 ) -> dict[str, Any] | None:
-    """``persons.*``: person-consistent test predictions, chosen and scored on OOF (run.json ``persons``)."""
-    record = group_run(
-        run_dir,
-        cfg,
-        source.task,
-        source.train,
-        train_cache.path,
-        source.test,
-        test_cache.path if test_cache is not None else None,
-        source.test_format,
-        fold_checkpoints(run_dir),
+    """``persons.*``: person-consistent test predictions, chosen and scored on OOF (run.json ``persons``).
+
+    Optional: when grouping fails the run keeps its ungrouped outputs, one line says why and
+    run.json records the reason (``persons.skipped``)."""
+    record, reason = optional_step(
+        "persons: grouping",
+        lambda: group_run(
+            run_dir,
+            cfg,
+            source.task,
+            source.train,
+            train_cache.path,
+            source.test,
+            test_cache.path if test_cache is not None else None,
+            source.test_format,
+            fold_checkpoints(run_dir),
+        ),
     )
+    if reason is not None:
+        return {"group": cfg.persons.group, "applied": False, "skipped": reason}
     if record:
         console.print(f"  {describe_grouping(record)}")
     return record
