@@ -25,6 +25,7 @@ _API = {
     "ensemble": ("pstage.ensembling.ensemble", "ensemble"),
     "EnsembleResult": ("pstage.ensembling.ensemble", "EnsembleResult"),
     "board": ("pstage.report.board", "load_board"),
+    "log_score": ("pstage.runs.public_lb", "log_score"),
     "Board": ("pstage.report.board", "Board"),
     "run_demo": ("pstage.demo", "run_demo"),
     "make_demo_data": ("pstage.data.synthetic", "make_demo_data"),

@@ -58,7 +58,7 @@ class OneLineErrors(TyperGroup):
 app = typer.Typer(
     name="pstage",
     cls=OneLineErrors,
-    help="Image-classification competitions, stage by stage: eda, train (K-fold CV), predict, board, ensemble, tune, report, export/serve, distill, demo.",
+    help="Image-classification competitions, stage by stage: eda, train (K-fold CV), predict, board, ensemble, lb (public scores), tune, report, export/serve, distill, demo.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -201,14 +201,30 @@ def board(
     sort: str = typer.Option(
         "cv", "--sort", "-s", help="cv, mask, gender, age, tta, created, duration, name, model or user (-KEY reverses)."
     ),
-    html: Path | None = typer.Option(None, "--html", help="Also write the board as a self-contained HTML page."),
+    html: Path | None = typer.Option(
+        None, "--html", help="Also write the board as a self-contained HTML page (with the public-leaderboard plot)."
+    ),
     store: str | None = _store_option(),
+    shakeup: bool | None = typer.Option(
+        None,
+        "--shakeup/--no-shakeup",
+        help="CV intervals over persons and P(beats the best) on a leaderboard (default: on with --html).",
+    ),
+    lb_persons: int | None = typer.Option(
+        None, "--lb-persons", help="Leaderboard size for --shakeup (default: the test set's; mask task: images / 7)."
+    ),
+    top: int = typer.Option(5, "--top", help="--shakeup: P(beats the best) for this many runs after the best."),
 ) -> None:
     """List finished runs, best CV first (unfinished or broken run folders are listed as skipped)."""
-    from pstage.report.board import board_html, board_table, load_board  # deferred: keeps pandas off pstage --help
+    # deferred: keeps pandas off pstage --help
+    from pstage.report.board import board_html, board_table, load_board, shakeup_line
 
-    found = load_board(runs, contains=contains, sort=sort, store=store)
+    shakeup = html is not None if shakeup is None else shakeup
+    found = load_board(runs, contains=contains, sort=sort, store=store, shakeup=shakeup, lb_persons=lb_persons, top=top)
     console.print(board_table(found, title="board"))
+    line = shakeup_line(found)
+    if line:
+        console.print(f"[dim]{escape(line)}[/]", soft_wrap=True)
     for path, why in found.skipped:
         console.print(f"[dim]skipped {escape(str(path))}: {escape(why)}[/]", soft_wrap=True)
     if html is not None:
@@ -275,6 +291,9 @@ def ensemble(
         "--with-checkpoints",
         help="With --store: publish the fold checkpoints of the ensemble's own members (teammates can export, serve).",
     ),
+    lb_persons: int | None = typer.Option(
+        None, "--lb-persons", help="Leaderboard size for the shake-up (default: the test set's; mask task: images / 7)."
+    ),
 ) -> None:
     """Blend runs on their OOF predictions; the ensemble is written as a run (board, predict, serve).
 
@@ -295,8 +314,32 @@ def ensemble(
         rounds=rounds,
         store=store,
         with_checkpoints=with_checkpoints,
+        lb_persons=lb_persons,
     )
     print_ensemble(result)
+
+
+@app.command("lb")
+@friendly
+def log_public_score(
+    run: str = typer.Argument(..., help="Your finished run (or ensemble) whose submission.csv you uploaded."),
+    score: str = typer.Argument(..., help="Its public-leaderboard macro F1, e.g. 0.7421."),
+    note: str | None = typer.Option(None, "--note", help="A few words to keep with the score."),
+    tta: bool = typer.Option(False, "--tta", help="The score is for submission_tta.csv (pstage predict --tta)."),
+    runs: Path = typer.Option(Path("runs"), "--runs", help="Folder holding run directories."),
+    store: str | None = _store_option(),
+) -> None:
+    """Log a public-leaderboard score for a run's submission (run.json; with --store, the team sees it)."""
+    from pstage.runs.public_lb import log_score  # deferred: keeps pandas off pstage --help
+
+    done = log_score(run, score, runs_dir=runs, store=store, note=note, tta=tta)
+    entry = done.entry
+    cv = "" if entry.cv is None else f" (CV {entry.cv:.4f}, {entry.score - entry.cv:+.4f})"
+    print(
+        f"{done.run}: public {entry.score:.4f}{cv} logged as score {done.count} of {entry.file} -> {done.path / 'run.json'}"
+    )
+    if done.published is None and not store:
+        print(f"share it: pstage push {done.run} --store URI (or log with --store)")
 
 
 @app.command()

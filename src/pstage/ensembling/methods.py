@@ -229,12 +229,19 @@ def create_method(name: str, **options: Any) -> EnsembleMethod:
     return method.set_params(**{k: v for k, v in options.items() if k in method.get_params()})
 
 
-def nested_predict(method: EnsembleMethod, P: Probs, y: np.ndarray, folds: np.ndarray) -> np.ndarray:
-    """Out-of-fold predictions of ``method``: a fresh copy fitted on the other folds predicts each fold."""
+def nested_predict(
+    method: EnsembleMethod, P: Probs, y: np.ndarray, folds: np.ndarray, groups: np.ndarray | None = None
+) -> np.ndarray:
+    """Out-of-fold predictions of ``method``: a fresh copy fitted on the other folds predicts each fold.
+
+    ``groups`` (default: the folds) is the partition left out in turn; an ensemble resting on one
+    fold passes groups of its persons, and each copy is still fitted for the CV metric on ``folds``.
+    """
     P = [np.asarray(p) for p in P]
     out = np.zeros(P[0].shape)
-    for k in np.unique(folds):
-        outer = folds == k
+    groups = folds if groups is None else groups
+    for k in np.unique(groups):
+        outer = groups == k
         fitted = clone(method).fit([p[~outer] for p in P], y[~outer], folds[~outer])
         out[outer] = fitted.predict_proba([p[outer] for p in P])
     return out

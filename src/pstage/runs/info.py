@@ -53,6 +53,17 @@ class FoldScore(Record):
     duration_s: float | None = None
 
 
+class IntervalRecord(Record):
+    """``cv.interval``: the CV's bootstrap interval over persons (``pstage.core.shakeup``)."""
+
+    low: float
+    high: float
+    std: float | None = None
+    persons: int | None = None
+    draws: int | None = None
+    level: float | None = None
+
+
 class CVScores(Record):
     """``cv``: macro F1 mean/std over folds (the board's score), pooled OOF, per fold and per task."""
 
@@ -62,6 +73,7 @@ class CVScores(Record):
     accuracy: float | None = None
     folds: list[FoldScore] = []
     per_task: dict[str, float] = {}
+    interval: IntervalRecord | None = None  # ensembles record it; the board computes it for other runs
 
 
 class TTARecord(Record):
@@ -78,8 +90,10 @@ class MemberRecord(Record):
 
     run: str
     weight: float
-    cv_macro_f1: float | None = None
+    cv_macro_f1: float | None = None  # the member's own CV (on the folds it trained)
     path: str | None = None
+    folds: list[int] | None = None  # the folds the member trained
+    cv_shared: float | None = None  # its CV on the ensemble's folds (those every member trained)
 
 
 class EnsembleSpec(Record):
@@ -92,6 +106,32 @@ class EnsembleSpec(Record):
     history: list[dict[str, Any]] = []
     calibration: dict[str, Any] | None = None
     stacker: dict[str, Any] | None = None
+    folds: list[int] | None = None  # the folds every member trained: what the blend is fitted and scored on
+    split_folds: int | None = None  # how many folds the members' split has
+    persons: int | None = None  # persons (groups) on those folds
+    images: int | None = None
+
+
+class ShakeupRecord(Record):
+    """``shakeup`` of an ensemble: P(each run beats the best) on a leaderboard of ``leaderboard`` units."""
+
+    best: str
+    leaderboard: int
+    unit: str  # what one unit of the leaderboard is: persons, or images
+    beats_best: dict[str, float] = {}
+    draws: int | None = None
+
+
+class LeaderboardScore(Record):
+    """One line of ``leaderboard``: a public-leaderboard score logged by ``pstage lb`` for the run's submission."""
+
+    score: float
+    at: str
+    user: str | None = None
+    cv: float | None = None  # the run's CV when the score was logged (the CV of the scored submission)
+    submission: str | None = None  # sha256 (16 hex) of the scored file, to tell a later, different submission
+    file: str | None = None  # submission.csv, or submission_tta.csv
+    note: str | None = None
 
 
 class RunInfo(Record):
@@ -121,6 +161,8 @@ class RunInfo(Record):
     distilled_from: dict[str, Any] | None = None
     trial: dict[str, Any] | None = None  # a tune trial: its study and number
     time_budget: dict[str, Any] | None = None  # train.time: the budget, planned vs actual epochs and seconds
+    shakeup: ShakeupRecord | None = None
+    leaderboard: list[LeaderboardScore] | None = None  # public-leaderboard scores (``pstage lb``), oldest first
 
     @property
     def done(self) -> bool:

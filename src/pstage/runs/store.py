@@ -40,6 +40,7 @@ from pstage.core.console import first_line
 from pstage.core.errors import PstageError, RunError
 from pstage.core.io import read_json, sha256_file, write_json
 from pstage.runs.rundir import PULLED, RUN_FILE, RunDir, resolve_run
+from pstage.runs.shakeup import with_interval
 
 STORE_ENV = "PSTAGE_STORE"
 MANIFEST = "pstage-manifest.json"
@@ -269,17 +270,26 @@ def _metrics(info: dict[str, Any]) -> dict[str, list[tuple[float, int]]]:
     put("cv_tta_macro_f1", ((info.get("tta") or {}).get("cv") or {}).get("macro_f1"))
     put("nested_cv_macro_f1", (info.get("ensemble") or {}).get("nested_cv_macro_f1"))
     put("duration_s", info.get("duration_s"))
+    for step, entry in enumerate(info.get("leaderboard") or []):  # the public scores, as one stepped series
+        put("public_lb_macro_f1", entry.get("score"), step)
     return metrics
 
 
-BOARD_KEYS = ("name", "kind", "status", "user", "host", "model", "image_size", "epochs", "created", "duration_s")
+BOARD_KEYS = (
+    "name", "kind", "status", "user", "host", "model", "image_size", "epochs", "created", "duration_s", "folds_trained",
+)  # fmt: skip
+LEADERBOARD_IN_TAG = 12  # the newest public scores the tag carries (an MLflow tag holds 8,000 characters)
 
 
 def board_info(info: dict[str, Any]) -> dict[str, Any]:
     """The part of run.json the board shows, small enough for one MLflow tag."""
     cv = info.get("cv") or {}
     out = {k: info[k] for k in BOARD_KEYS if k in info}
-    out["cv"] = {k: cv[k] for k in ("macro_f1", "macro_f1_std", "per_task") if k in cv}
+    out["cv"] = {k: cv[k] for k in ("macro_f1", "macro_f1_std", "per_task", "interval") if k in cv}
+    if info.get("leaderboard"):
+        out["leaderboard"] = [
+            {**entry, "note": str(entry.get("note") or "")[:80]} for entry in info["leaderboard"][-LEADERBOARD_IN_TAG:]
+        ]
     tta = (info.get("tta") or {}).get("cv") or {}
     if "macro_f1" in tta:
         out["tta"] = {"cv": {"macro_f1": tta["macro_f1"]}}
@@ -308,7 +318,7 @@ def _tags(run_dir: Path, info: dict[str, Any], data_fp: str, split_fp: str, chec
         "pstage.split": split_fp,
         "pstage.data": data_fp,
         "pstage.checkpoints": "true" if checkpoints else "false",
-        "pstage.info": json.dumps(board_info(info)),
+        "pstage.info": json.dumps(board_info(with_interval(RunDir(run_dir), info))),
     }
     if info.get("git_sha"):
         tags["mlflow.source.git.commit"] = str(info["git_sha"])
@@ -739,3 +749,20 @@ def publish_after(
     what = "unchanged" if done.unchanged else f"{done.uploaded} file(s) uploaded"
     print(f"published {done.name} ({what}) -> {done.url}", flush=True)
     return done
+
+
+def republish(path: str | Path, uri: str | None, *, runs_dir: str | Path = "runs") -> Published | None:
+    """Publish a run again after its run.json changed (``pstage lb``), as it was published before:
+    with its fold checkpoints if the store holds them. A store that is down is one warning line."""
+    uri = store_uri(uri)
+    if not uri:
+        return None
+    checkpoints = False
+    try:
+        existing = _find_uid(_client(uri), run_uid(RunDir(resolve_run(path, runs_dir)).read_info().record()))
+        checkpoints = existing is not None and existing.data.tags.get("pstage.checkpoints") == "true"
+    except StoreError:
+        pass  # publish_after says the store is down, in its one line
+    except _errors() as exc:
+        say_stderr(f"warning: {_failure(uri, 'looking the run up', exc)}")
+    return publish_after(path, uri, checkpoints=checkpoints, runs_dir=runs_dir)
