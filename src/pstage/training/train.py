@@ -378,7 +378,10 @@ def _run(
         resolve_group(cfg.persons.group, source.task)  # persons.group=on for a task it cannot serve: refused now
         info.update(task=source.task.to_dict(), classes=source.task.classes, submission_format=source.test_format)
         if cfg.train.time is not None:
-            budget = _open_budget(cfg, source, precision, clock, previous.get("time_budget"), preflight)
+            before = previous.get("time_budget")
+            if was_done and before:  # a finished run asked for more folds: a new command, with a budget of its own
+                before = {**before, "used_s": 0.0}
+            budget = _open_budget(cfg, source, precision, clock, before, preflight)
             budget.folds = wanted
             budget.grouping_per_fold = _grouping_per_fold(cfg, source)
             budget.record = lambda: record("running")
