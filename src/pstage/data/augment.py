@@ -119,7 +119,8 @@ def build_transforms(
     device, so loading can batch-slice).
 
     albumentations keeps its own random state, which global seeding does not reach: ``seed``
-    makes the draws reproducible (DataLoader workers re-seed it per worker, see datasets.py).
+    makes the draws reproducible (the loader re-seeds it per batch from ``seed`` and the batch's
+    indices, datasets.seed_transform).
     """
     if on_device(cfg, image_size):
         return None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,8 @@ import pstage.core.compat  # noqa: F401  (before lightning, which imports torchv
 import lightning as L  # noqa: E402
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from lightning.fabric.utilities.distributed import DistributedSamplerWrapper  # noqa: E402
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, WeightedRandomSampler
 
 from pstage.config import Config, batch_of  # noqa: E402
 from pstage.core.devices import autocast_dtype  # noqa: E402
@@ -71,6 +73,7 @@ class CachedImages(Dataset):
         idx = np.asarray(indices)
         batch = self.images[self.rows[idx]]
         if self.transform is not None:
+            seed_transform(self.transform, idx)
             batch = np.stack([self.transform(image=image)["image"] for image in batch])
         if self.extras:
             return (
@@ -137,17 +140,20 @@ def resolve_workers(num_workers: int | str, augmenting: bool) -> int:
     return min(4, cores - 1) if augmenting else 0
 
 
-def seed_worker_transform(worker_id: int) -> None:
-    """Give each DataLoader worker its own reproducible augmentation stream.
+def seed_transform(transform: Any, indices: np.ndarray) -> None:
+    """Seed an albumentations pipeline for one batch from its own seed and the batch's indices.
 
-    Every worker gets a copy of the dataset's albumentations pipeline with the same internal
-    random state; re-seeding it from the worker's torch seed (base seed drawn from the seeded main
-    process + worker id) makes workers draw differently yet identically from run to run.
+    A batch's indices are a function of (seed, epoch, batch) (``train_sampler``), so its
+    augmentation is too: the same in a resumed run as in an uninterrupted one, whatever the number
+    of loader workers or whether they persist (a worker-level stream would depend on how many
+    batches that worker drew before). One generator shared by all transforms: albumentations'
+    ``set_random_seed`` gives each transform its own generator with the same seed, which makes
+    their draws identical (every transform with p=0.5 would fire together).
     """
-    info = torch.utils.data.get_worker_info()
-    transform = getattr(info.dataset, "transform", None) if info is not None else None
-    if transform is not None and hasattr(transform, "set_random_seed"):
-        transform.set_random_seed(info.seed % 2**32)
+    if not hasattr(transform, "set_random_state"):
+        return
+    entropy = np.random.SeedSequence([int(getattr(transform, "seed", None) or 0), *np.asarray(indices).tolist()])
+    transform.set_random_state(np.random.default_rng(entropy), random.Random(int(entropy.generate_state(1)[0])))
 
 
 def make_loader(
@@ -155,19 +161,16 @@ def make_loader(
     batch_size: int,
     workers: int,
     *,
-    shuffle: bool = False,
     sampler: Any = None,
     drop_last: bool = False,
 ) -> DataLoader:
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle if sampler is None else False,
         sampler=sampler,
         num_workers=workers,
         collate_fn=keep_batch,
         persistent_workers=workers > 0,
-        worker_init_fn=seed_worker_transform if workers > 0 else None,
         drop_last=drop_last,
         pin_memory=torch.cuda.is_available(),
     )
@@ -186,16 +189,42 @@ def inference_batches(
         yield (images.to(device, non_blocking=True) for images, _ in loader)
 
 
-def balanced_sampler(targets: np.ndarray, seed: int) -> WeightedRandomSampler:
-    """Draw each class about equally often (weights inversely proportional to class frequency)."""
-    counts = np.bincount(targets)
-    weights = 1.0 / counts[targets]
-    return WeightedRandomSampler(
-        torch.as_tensor(weights, dtype=torch.double),
-        len(targets),
-        replacement=True,
-        generator=torch.Generator().manual_seed(seed),
-    )
+class BalancedSampler(WeightedRandomSampler):
+    """Draw each class about equally often (weights inversely proportional to class frequency),
+    a fresh draw per epoch that depends only on (seed, epoch), as DistributedSampler's shuffle."""
+
+    def __init__(self, targets: np.ndarray, seed: int):
+        counts = np.bincount(targets)
+        weights = torch.as_tensor(1.0 / counts[targets], dtype=torch.double)
+        super().__init__(weights, len(targets), replacement=True, generator=torch.Generator())
+        self.seed = seed
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.generator.manual_seed(self.seed + epoch)
+
+
+def train_sampler(
+    dataset: Dataset, targets: np.ndarray, balanced: bool, seed: int, epoch: int, replicas: int = 1, rank: int = 0
+) -> DistributedSampler:
+    """The training order: a shuffle (or a class-balanced draw) that is a pure function of (seed,
+    epoch), split across DDP ranks, so a resumed run draws the same epochs as an uninterrupted one.
+
+    Torch's RandomSampler draws from the global RNG at each epoch (its stream depends on the whole
+    history of the process); DistributedSampler (what Lightning puts in under DDP) seeds each epoch
+    with seed + epoch. Lightning calls ``set_epoch`` before each epoch, but on a resume it creates
+    the first epoch's iterator before that (loader workers start fetching at once): ``epoch`` is
+    the epoch to start at (FoldData keeps it in last.ckpt). Built here for one process too
+    (Lightning leaves a DistributedSampler in place), so one and several processes shuffle alike.
+    """
+    if balanced:
+        sampler = DistributedSamplerWrapper(
+            BalancedSampler(targets, seed), num_replicas=replicas, rank=rank, shuffle=False
+        )
+    else:
+        sampler = DistributedSampler(dataset, num_replicas=replicas, rank=rank, shuffle=True, seed=seed)
+    sampler.set_epoch(epoch)
+    return sampler
 
 
 class FoldData(L.LightningDataModule):
@@ -213,6 +242,7 @@ class FoldData(L.LightningDataModule):
         train_soft: np.ndarray | None = None,
         train_extras: dict[str, np.ndarray] | None = None,
         extra_train: CachedImages | None = None,
+        seed: int = 0,
     ):
         super().__init__()
         self.train_set: CachedImages | CombinedImages = CachedImages(
@@ -222,14 +252,36 @@ class FoldData(L.LightningDataModule):
             self.train_set = CombinedImages([self.train_set, extra_train])
         self.val_set = CachedImages(cache, val_rows, val_targets)
         self.config = config
+        self.seed = seed  # the training order's (train_sampler)
+        self.epoch = 0  # the epoch the training order starts at: last.ckpt's on a resume
         self.workers = resolve_workers(config.train.num_workers, transform is not None)
 
     def train_dataloader(self) -> DataLoader:
-        train = self.config.train
-        sampler = balanced_sampler(self.train_set.targets, self.config.seed) if train.sampler == "balanced" else None
+        train, trainer = self.config.train, self.trainer
+        sampler = train_sampler(
+            self.train_set,
+            self.train_set.targets,
+            train.sampler == "balanced",
+            self.seed,
+            self.epoch,
+            trainer.world_size if trainer is not None else 1,
+            trainer.global_rank if trainer is not None else 0,
+        )
         # drop_last avoids a size-1 last batch, which BatchNorm rejects in training mode
         drop = len(self.train_set) > batch_of(train)
-        return make_loader(self.train_set, batch_of(train), self.workers, shuffle=True, sampler=sampler, drop_last=drop)
+        return make_loader(self.train_set, batch_of(train), self.workers, sampler=sampler, drop_last=drop)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The sampler's epoch in last.ckpt: the epoch Lightning passes to set_epoch next.
+
+        On a resume Lightning builds the training loader (and its workers start fetching) before
+        it restores its loops or calls set_epoch, but after it restores this state.
+        """
+        trainer = self.trainer
+        return {"epoch": trainer.fit_loop.epoch_progress.current.processed} if trainer is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch = int(state.get("epoch", 0))
 
     def val_dataloader(self) -> DataLoader:
         return make_loader(self.val_set, batch_of(self.config.train) * 2, 0)

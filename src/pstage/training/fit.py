@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -155,6 +156,7 @@ def fit_model(job: FitJob) -> FitResult | None:
         teacher_labels(cfg, rows) if cfg.distill.teacher else None,
         training.extras,
         training.pseudo,
+        seed=job.seed,
     )
     callbacks, best, report = _callbacks(job)
     extra = {} if job.validate else {"limit_val_batches": 0}
@@ -201,7 +203,7 @@ def _callbacks(job: FitJob) -> tuple[list[Callback], ModelCheckpoint | None, Fol
     """last.ckpt every epoch (resume); for a validated model also best.ckpt, the epoch report and early stopping."""
     cfg, folder = job.context.cfg, job.directory
     last = ModelCheckpoint(dirpath=folder, filename="last", monitor=None, save_top_k=1, enable_version_counter=False)
-    callbacks: list[Callback] = [last]
+    callbacks: list[Callback] = [last, BatchSeeds(job.seed)]
     best = report = None
     mode = progress_mode(cfg)
     if job.validate:
@@ -216,7 +218,7 @@ def _callbacks(job: FitJob) -> tuple[list[Callback], ModelCheckpoint | None, Fol
             auto_insert_metric_name=False,
         )
         report = FoldReport(job.title, folder, best, print_lines=mode == "epoch")
-        callbacks = [best, last, report]
+        callbacks = [best, *callbacks, report]
     callbacks.extend(job.callbacks)
     if mode == "bar":
         callbacks.append(RichProgressBar(leave=True))
@@ -273,6 +275,35 @@ def complete(job: FitJob, metrics: dict[str, Any]) -> None:
     (weights + optimizer state, ~3x the weights) ends with the model."""
     write_json(job.directory / "metrics.json", metrics)
     (job.directory / "last.ckpt").unlink(missing_ok=True)
+
+
+class BatchSeeds(Callback):
+    """Seed torch, numpy and random before each training batch from (seed, epoch, batch, rank).
+
+    What draws from the global generators in a training step (dropout, drop-path, the batched
+    augmentation of device_augment.py) then depends on where the step is, not on what the
+    process did before: a run resumed from last.ckpt trains its remaining epochs exactly as the
+    uninterrupted run does. Saving the generators' states in last.ckpt instead (Lightning keeps
+    none) would not be enough: a resumed run builds its loader (which draws its workers' seed)
+    at another point than an uninterrupted one, and a persistent loader worker's augmentation
+    state lives in another process. The loader's own randomness is keyed like this
+    (datasets.train_sampler, datasets.seed_transform).
+    """
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        state = np.random.SeedSequence([self.seed, trainer.current_epoch, batch_idx, trainer.global_rank])
+        seed = int(state.generate_state(1)[0])
+        # only the generators a step draws from (torch.manual_seed probes every device type: ~100x slower)
+        torch.default_generator.manual_seed(seed)
+        if pl_module.device.type == "cuda":
+            torch.cuda.manual_seed(seed)
+        np.random.seed(seed)
+        random.seed(seed)
 
 
 class FoldReport(Callback):
