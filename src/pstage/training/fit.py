@@ -346,9 +346,14 @@ class FoldReport(Callback):
                 and abs(float(self.best.best_model_score) - row["val_macro_f1"]) < 1e-9
             )
             console.print(
-                f"  {self.title} epoch {trainer.current_epoch + 1:>2}/{trainer.max_epochs}  train loss {row['train_loss'] or float('nan'):.3f}  val loss {row['val_loss'] or float('nan'):.3f}  "
-                f"val macro F1 {row['val_macro_f1'] or float('nan'):.4f}{' *' if best else '  '}  {row['seconds']:.1f}s"
+                f"  {self.title} epoch {trainer.current_epoch + 1:>2}/{trainer.max_epochs}  train loss {_shown(row['train_loss']):.3f}  val loss {_shown(row['val_loss']):.3f}  "
+                f"val macro F1 {_shown(row['val_macro_f1']):.4f}{' *' if best else '  '}  {row['seconds']:.1f}s"
             )
+
+
+def _shown(value: float | None) -> float:
+    """A logged number for the epoch line: NaN only when it was not logged (a macro F1 of 0.0 is 0.0)."""
+    return float("nan") if value is None else value
 
 
 def read_history(folder: Path) -> list[dict[str, Any]]:
