@@ -79,15 +79,17 @@ def server(tmp_path_factory):
         "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16),
     }
     srv = Server(root, ("--app-name", "basic-auth"), env)
-    srv.start()
-    os.environ["PSTAGE_TEST_AUTH_STORE"] = srv.uri
-    with login("admin"):
-        admin = get_app_client("basic-auth", tracking_uri=srv.uri)
-        for user, password in PASSWORDS.items():
-            admin.create_user(user, password)
-    yield srv
-    os.environ.pop("PSTAGE_TEST_AUTH_STORE", None)
-    srv.kill()
+    try:  # the server goes down even if setting it up fails half-way
+        srv.start()
+        os.environ["PSTAGE_TEST_AUTH_STORE"] = srv.uri
+        with login("admin"):
+            admin = get_app_client("basic-auth", tracking_uri=srv.uri)
+            for user, password in PASSWORDS.items():
+                admin.create_user(user, password)
+        yield srv
+    finally:
+        os.environ.pop("PSTAGE_TEST_AUTH_STORE", None)
+        srv.kill()
 
 
 @pytest.fixture(scope="module")

@@ -36,9 +36,11 @@ USER = "mal"
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     srv = Server(tmp_path_factory.mktemp("mlflow-hostile"))
-    srv.start()
-    yield srv
-    srv.kill()
+    try:  # down even if it never came up
+        srv.start()
+        yield srv
+    finally:
+        srv.kill()
 
 
 @pytest.fixture(scope="module")
