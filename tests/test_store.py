@@ -43,20 +43,28 @@ def free_port() -> int:
 class Server:
     """`mlflow server` in a subprocess, from this venv, on a free port; kill() and start() again."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, args: tuple[str, ...] = (), env: dict[str, str] | None = None):
         self.root, self.port = root, free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
+        self.args, self.env = list(args), env or {}  # e.g. --app-name basic-auth and its settings
 
     def start(self) -> None:
         exe = Path(sys.executable).with_name("mlflow")
         cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "mlflow"]
         cmd += ["server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"]
         cmd += ["--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}"]
-        cmd += ["--artifacts-destination", str(self.root / "artifacts")]
+        cmd += ["--artifacts-destination", str(self.root / "artifacts"), *self.args]
         log = open(self.root / "server.log", "ab")  # noqa: SIM115 - lives as long as the server
         # its own process group: `mlflow server` runs uvicorn in child processes, which kill() must reach too
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=self.root, start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=self.root,
+            start_new_session=True,
+            env={**os.environ, **self.env},
+        )
         deadline = time.time() + 300  # several seconds when quiet; minutes on a loaded 2-core box
         while time.time() < deadline:
             assert self.proc.poll() is None, (self.root / "server.log").read_text()[-3000:]

@@ -142,3 +142,22 @@ def test_a_fold_checkpoint_starts_a_new_run_and_run_json_says_where_weights_came
     assert "backbone tensors loaded (0 missing, 0 unexpected, 0 wrong shape" in warm.stdout
     weights = pd.read_json(tmp_path / "warm" / "run.json", typ="series")["weights"]
     assert weights["source"] == "file" and weights["path"] == str(ckpt)
+
+
+class _Payload:
+    """Unpickling it runs code (creates ``path``): what a hostile weights file would carry."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.path!r}, 'w').write('owned')",))
+
+
+def test_a_weights_file_with_pickled_objects_is_refused_unread(tmp_path):
+    """model.weights is read with weights_only: a file that needs unpickling is one line, its code never runs."""
+    marker = tmp_path / "owned"
+    torch.save({"state_dict": _donor().state_dict(), "payload": _Payload(marker)}, tmp_path / "laced.pt")
+    with pytest.raises(ConfigError, match=r"laced\.pt holds pickled Python objects besides tensors.*save its tensors"):
+        resolve_weights("test_resnet", "auto", str(tmp_path / "laced.pt"))
+    assert not marker.exists()

@@ -102,6 +102,14 @@ def _store_option() -> Any:
     return typer.Option(None, "--store", envvar="PSTAGE_STORE", help=STORE_HELP, show_envvar=False)
 
 
+def _trust_option() -> Any:
+    return typer.Option(
+        False,
+        "--trust",
+        help="Load fold checkpoints that hold pickled objects (code) if the run was made on this machine; never a pulled run's.",
+    )
+
+
 def _checked_store(store: str | None) -> str | None:
     """A malformed store address stops at once (before any training); None means no store."""
     from pstage.runs.store import store_uri  # deferred: keeps pandas off pstage --help
@@ -172,12 +180,13 @@ def predict(
     out: Path | None = typer.Option(None, "--out", "-o", help="Output CSV (default: in the run directory)."),
     runs: Path = typer.Option(Path("runs"), "--runs", help="Folder holding run directories."),
     store: str | None = _store_option(),
+    trust: bool = _trust_option(),
 ) -> None:
     """Predict with a finished run's fold models (a teammate's published run is pulled first)."""
     store = _early(run, runs, store)
     from pstage.inference.predict import predict as predict_run  # deferred: keeps torch off pstage --help
 
-    result = predict_run(run, data, runs=runs, tta=tta, out=out, store=store)
+    result = predict_run(run, data, runs=runs, tta=tta, out=out, store=store, trust=trust)
     for problem in result.skipped:
         err.print(f"[yellow]warning:[/] {escape(problem)}")
     what = "submission" if result.kind == "submission" else "predictions"
@@ -384,6 +393,7 @@ def report(
     out: Path | None = typer.Option(None, "--out", "-o", help="Where to write the page (default RUN/report.html)."),
     runs: Path = typer.Option(Path("runs"), "--runs", help="Folder holding run directories."),
     store: str | None = _store_option(),
+    trust: bool = _trust_option(),
 ) -> None:
     """Write RUN/report.html: CV per fold, curves, confusion matrices, per-class F1, mistakes with Grad-CAM."""
     from pstage.runs.rundir import Run, resolve_run  # deferred: keeps pandas off pstage --help
@@ -402,7 +412,7 @@ def report(
         return
     from pstage.report.report import report as run_report  # deferred: keeps pandas off pstage --help
 
-    result = run_report(run_dir, runs=runs, audit=audit, out=out)
+    result = run_report(run_dir, runs=runs, audit=audit, out=out, trust=trust)
     if result.audit is not None:
         print(f"audit: {len(result.audit.suspects)} suspect image(s), files in {result.audit.folder}")
     print(f"report in {result.seconds:.1f}s -> {result.path}")
@@ -513,12 +523,15 @@ def export_command(
     out: Path | None = typer.Option(None, "--out", "-o", help="Export folder (default: <run>/export)."),
     runs: Path = typer.Option(Path("runs"), "--runs", help="Folder holding run directories."),
     store: str | None = _store_option(),
+    trust: bool = _trust_option(),
 ) -> None:
     """Export a run (all fold models) or an ensemble (with its weights) to one ONNX graph + preprocess.json."""
     store = _early(run, runs, store)
     from pstage.deploy.export import export  # deferred: keeps torch off pstage --help
 
-    result = export(run, runs=runs, format=format, int8=int8, data=data, out=out, score=score or None, store=store)
+    result = export(
+        run, runs=runs, format=format, int8=int8, data=data, out=out, score=score or None, store=store, trust=trust
+    )
     size = result.sizes.get("model.onnx", 0) / 2**20
     print(f"{result.path} ({size:.1f} MiB; max |ONNX - PyTorch| = {result.parity_max_abs_diff:.1e})")
     print(f"{result.preprocess}")
@@ -550,6 +563,7 @@ def serve_command(
     max_batch: int = typer.Option(32, "--max-batch", help="Most images the model runs at once across requests."),
     runs: Path = typer.Option(Path("runs"), "--runs", help="Folder holding run directories."),
     store: str | None = _store_option(),
+    trust: bool = _trust_option(),
 ) -> None:
     """Serve a run over HTTP: POST /predict, GET /health, GET /model, docs at /docs."""
     store = _early(run, runs, store)
@@ -576,6 +590,7 @@ def serve_command(
         max_batch=max_batch,
         on_ready=ready,
         store=store,
+        trust=trust,
     )
 
 
@@ -592,6 +607,7 @@ def distill_command(
     alpha: float | None = typer.Option(None, "--alpha", help="Weight of the KD term vs hard labels (distill.alpha)."),
     runs: Path = typer.Option(Path("runs"), "--runs", help="Folder holding run directories."),
     store: str | None = _store_option(),
+    trust: bool = _trust_option(),
 ) -> None:
     """Train one student run on a teacher's (ensemble's) OOF soft labels, on the teacher's exact split."""
     store = _early(teacher, runs, store)
@@ -606,6 +622,7 @@ def distill_command(
         temperature=temperature,
         alpha=alpha,
         store=store,
+        trust=trust,
     )
     _print_result(result.student)
     print(

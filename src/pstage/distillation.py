@@ -30,6 +30,7 @@ from pstage.config import Config, load_config
 from pstage.core.errors import ConfigError, RunError
 from pstage.data.sources import load_source
 from pstage.deploy.export import build_model, plan_export
+from pstage.models.trust import honours_trust
 from pstage.runs.rundir import RunDir, RunInfo
 from pstage.runs.store import locate, publish_after, store_uri
 from pstage.training.teacher import read_table
@@ -66,6 +67,7 @@ def images_per_second(run: str | Path, runs: str | Path = "runs", batch: int = 6
     return batch / best
 
 
+@honours_trust
 def distill(
     teacher: str | Path,
     *,
@@ -77,13 +79,15 @@ def distill(
     alpha: float | None = None,
     measure_speed: bool = True,
     store: str | None = None,
+    trust: bool = False,
 ) -> DistillResult:
     """Train a student on ``teacher``'s OOF soft labels and split; returns both CVs and speeds.
 
     The student starts from the teacher's (first member's) config, so ``overrides`` need only say
     what changes (``model.name=resnet18``); its data is the teacher's unless ``data`` is given.
     With ``store`` (the team's MLflow server), a teacher that is only there is pulled (with its
-    members' fold models), and the finished student is published.
+    members' fold models), and the finished student is published. ``trust``: the teacher's fold
+    checkpoints may hold pickled objects if it was made on this machine (never a pulled teacher).
     """
     store = store_uri(store)
     teacher_run = RunDir.find(locate(teacher, runs, store, checkpoints=True) if store else teacher, runs)

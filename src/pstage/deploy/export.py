@@ -41,6 +41,7 @@ from pstage.core.tasks import Task
 from pstage.data.prepare import data_cache
 from pstage.data.sources import load_source
 from pstage.ensembling.methods import METHODS, ClassWeights
+from pstage.models.trust import honours_trust
 from pstage.runs.rundir import RunDir, RunInfo, RunLock
 from pstage.runs.store import locate
 
@@ -356,6 +357,7 @@ class ExportResult:
         return self.oof["onnx_int8"] - self.oof["onnx_fp32"]
 
 
+@honours_trust
 def export(
     run: str | Path,
     *,
@@ -367,6 +369,7 @@ def export(
     calibration_images: int = 256,
     score: bool | None = None,
     store: str | None = None,
+    trust: bool = False,
 ) -> ExportResult:
     """Export a finished run or ensemble to ``<run>/export/model.onnx`` (+ ``model.int8.onnx``).
 

@@ -56,6 +56,7 @@ from pstage.deploy.export import (
     plan_export,
     read_preprocess,
 )
+from pstage.models.trust import honours_trust
 from pstage.runs.rundir import RunDir, RunInfo
 from pstage.runs.store import locate
 
@@ -105,13 +106,20 @@ def _pull_served(run: str | Path, runs: str | Path, store: str, backend: str) ->
     return str(path)
 
 
+@honours_trust
 def load_served(
-    run: str | Path, runs: str | Path = "runs", backend: str = "auto", threads: int = 0, store: str | None = None
+    run: str | Path,
+    runs: str | Path = "runs",
+    backend: str = "auto",
+    threads: int = 0,
+    store: str | None = None,
+    trust: bool = False,
 ) -> Served:
     """The run's exported ONNX graph if there is one (``auto``), or the one asked for.
 
     With ``store`` (the team's MLflow server), a run that is not local is pulled first; its fold
-    models (and an ensemble's members) only when no published ONNX export will serve it.
+    models (and an ensemble's members) only when no published ONNX export will serve it. ``trust``:
+    a fold checkpoint of a run made on this machine may hold pickled objects (never a pulled one).
     """
     if backend not in BACKENDS:
         raise ConfigError(f"--backend {backend}: expected one of {', '.join(BACKENDS)}")
@@ -549,10 +557,11 @@ def serve(
     log_level: str = "info",
     on_ready: Callable[[Served], None] | None = None,
     store: str | None = None,
+    trust: bool = False,
 ) -> None:
     """Serve a run with uvicorn until interrupted (127.0.0.1 unless ``host`` says otherwise).
 
-    ``store``: a teammate's published run (or ensemble) is pulled first, see ``load_served``."""
+    ``store``: a teammate's published run (or ensemble) is pulled first; ``trust``: see ``load_served``."""
 
     if not 0 < port < 65536:
         raise ConfigError(f"--port {port}: expected 1..65535")
@@ -565,7 +574,7 @@ def serve(
             raise ConfigError(
                 f"cannot listen on {host}:{port} ({exc.strerror}); pick another --port or --host"
             ) from None
-    served = load_served(run, runs, backend, store=store)
+    served = load_served(run, runs, backend, store=store, trust=trust)
     app = create_app(served, api_key=api_key, limits=limits, max_batch=max_batch, max_wait_ms=max_wait_ms)
     if on_ready is not None:
         on_ready(served)

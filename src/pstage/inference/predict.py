@@ -28,6 +28,7 @@ from pstage.data.sources import Source, detect_kind, image_table, load_source
 from pstage.inference.persons import group_test
 from pstage.models.checkpoint import load_fold_module
 from pstage.models.module import ClassifierModule
+from pstage.models.trust import honours_trust
 from pstage.runs.rundir import FINAL_DIR, RunDir, fold_id, submission_frame
 from pstage.runs.store import locate
 
@@ -152,6 +153,7 @@ class Prediction:
     tta: str | None = None  # which views were averaged
 
 
+@honours_trust
 def predict(
     run: str | Path,
     data: str | Path | None = None,
@@ -160,6 +162,7 @@ def predict(
     tta: bool = False,
     out: str | Path | None = None,
     store: str | None = None,
+    trust: bool = False,
 ) -> Prediction:
     """Predict with a finished run's fold models.
 
@@ -168,7 +171,8 @@ def predict(
     over the TTA views when the run was trained with ``tta.train`` or ``tta`` is given. With
     ``tta`` on the run's own data the OOF predictions are recomputed with TTA too, so its gain is
     measured: both CVs are returned and recorded in run.json (``tta``). With ``store`` (the team's
-    MLflow server), a run that is only there is pulled first, with its fold models.
+    MLflow server), a run that is only there is pulled first, with its fold models. ``trust``: a
+    checkpoint of a run made on this machine may hold pickled objects (never one pulled from a store).
     """
     rd = RunDir.find(locate(run, runs, store, checkpoints=True) if store else run, runs)
     run_dir, info = rd.path, rd.info

@@ -211,10 +211,17 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         if path.suffix == ".safetensors":
             state: Any = load_file(str(path), device="cpu")
         else:
-            try:
-                state = torch.load(path, map_location="cpu", weights_only=True)
-            except pickle.UnpicklingError:  # a trusted local checkpoint with objects besides tensors
-                state = torch.load(path, map_location="cpu", weights_only=False)
+            # weights_only: a file that needs pickled objects is refused, never unpickled (a config
+            # pulled from a team store, e.g. a distillation teacher's, names this path too)
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "Unsupported global" not in str(exc):  # junk, or a pickle the safe loader cannot parse
+            raise ConfigError(f"model.weights: {path} is not a readable checkpoint (not a torch state dict)") from None
+        raise ConfigError(
+            f"model.weights: {path} holds pickled Python objects besides tensors, which could run code when "
+            "loaded; save its tensors alone (torch.save(model.state_dict(), 'w.pt') or safetensors) and point "
+            "model.weights at that file"
+        ) from None
     except Exception as exc:  # torch and safetensors raise many kinds on a corrupt or foreign file
         raise ConfigError(
             f"model.weights: {path} is not a readable checkpoint ({str(exc).splitlines()[0][:120]})"
@@ -223,8 +230,6 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
             break
-    if isinstance(state, nn.Module):
-        state = state.state_dict()
     tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)} if isinstance(state, dict) else {}
     if not tensors:
         keys = ", ".join(list(state)[:5]) if isinstance(state, dict) else type(state).__name__

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from rich.markup import escape
 from rich.table import Table
 
 from pstage.core.errors import ConfigError
@@ -335,8 +336,14 @@ def board_table(board: Board, title: str = "board", extra: dict[str, dict[str, s
     for column in titles:
         table.add_column(column, justify="left" if column in left else "right", no_wrap=column.startswith("CV"))
     for line in cells:
-        table.add_row(*line)
+        table.add_row(*map(_text, line))
     return table
+
+
+def _text(cell: str) -> str:
+    """A cell as plain text: run names, models and hosts may come from a store or a teammate's folder,
+    so no rich markup and no control characters (a terminal escape sequence in a model name)."""
+    return escape("".join(ch if ch.isprintable() else "?" for ch in cell))
 
 
 _CSS = """

@@ -24,6 +24,7 @@ from pstage.core.errors import RunError
 from pstage.core.metrics import prob_columns
 from pstage.core.tasks import Task
 from pstage.models.checkpoint import load_fold_module
+from pstage.models.trust import honours_trust
 from pstage.report.audit import audit as run_audit
 from pstage.report.pages import figure, new_figure, page, table, tiles
 from pstage.report.pictures import pictures_of
@@ -183,6 +184,7 @@ def _mistakes(
     return intro + cam_note + tiles(items), wrong
 
 
+@honours_trust
 def report(
     run: str | Path,
     *,
@@ -190,10 +192,12 @@ def report(
     audit: bool = False,
     out: str | Path | None = None,
     store: str | None = None,
+    trust: bool = False,
 ) -> ReportResult:
     """Write ``report.html`` for a finished run (or ensemble); with ``audit`` add the label audit.
 
     ``store``: a teammate's published run is pulled first, with its fold models (for Grad-CAM).
+    ``trust``: a fold checkpoint of a run made on this machine may hold pickled objects.
     """
     if store:
         run = locate(run, runs, store, checkpoints=True)

@@ -15,16 +15,28 @@ Pulled runs land in ``<runs>/<user>/<name>`` (two teammates' ``r18`` stay apart 
 half-way keeps the files it verified and fetches only the rest next time; pulling a run that is
 already there and unchanged downloads nothing but the manifest.
 
+Nothing from a store is trusted: whoever can publish writes the tags and the manifest. Before a
+pull writes anything, the user and run names must be plain single path parts, every manifest entry
+one of the relative paths pstage itself publishes (no ``..``, no absolute path, no link), with a
+well-formed sha256 and size; run.json and config.yaml are validated like user input (and must name
+the run the tags name) before the run folder is created. Each download must come back as one
+regular file where it was asked for. Anything else is refused with one line naming the run and the
+path, and nothing is written. (Checkpoints are loaded with ``weights_only``: models/checkpoint.py.)
+
 MLflow is imported inside the functions that talk to the server: it is heavy, and ``pstage
 --help`` and the board of a local folder must not pay for it.
 """
 
 from __future__ import annotations
 
+import base64
+import fnmatch
 import hashlib
 import json
 import os
+import re
 import shutil
+import stat
 import sys
 import tempfile
 import time
@@ -37,8 +49,9 @@ from pathlib import Path
 from typing import Any
 
 from pstage.core.console import first_line
-from pstage.core.errors import PstageError, RunError
+from pstage.core.errors import ConfigError, PstageError, RunError
 from pstage.core.io import read_json, sha256_file, write_json
+from pstage.runs.info import RunInfo, RunInfoError, parse_run_info
 from pstage.runs.rundir import PULLED, RUN_FILE, RunDir, resolve_run
 from pstage.runs.shakeup import with_interval
 
@@ -60,6 +73,15 @@ OUTPUTS = (
 )
 SIDE_FILES = ("fold_*/metrics.json", "fold_*/history.jsonl", "final/metrics.json", "export/*")
 CHECKPOINTS = ("fold_*/best.ckpt", "final/*.ckpt")
+CONFIG_FILE = "config.yaml"
+# A user or run name becomes a folder under runs/: one plain path part (letters of any script,
+# digits, space _ . - + @ =), starting with a letter, digit or _, so nothing climbs (..), hides or
+# names another folder.
+# Hand-written: no library checks "one safe path component" for a name a server hands us.
+_PLAIN = re.compile(r"\w[\w .+@=-]{0,99}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_UID = re.compile(r"[\w.-]{1,64}")
+MAX_RECORD_BYTES = 16 << 20  # run.json and config.yaml are validated in memory: a few KB in practice
 
 
 class StoreError(PstageError):
@@ -91,6 +113,7 @@ class StoredRun:
     published: str
     checkpoints: bool
     tags: dict[str, str] = field(default_factory=dict)
+    problem: str | None = None  # why a pull refuses it (a name or tag no pstage would publish)
 
 
 # --- the address -------------------------------------------------------------------------------
@@ -123,24 +146,62 @@ def masked(uri: str) -> str:
     return uri
 
 
-def _ping(uri: str, timeout: float = 10.0) -> None:
-    """One cheap request that tells an unreachable server, or one that is not MLflow, in one line."""
-    probe = f"{uri}/api/2.0/mlflow/experiments/search?max_results=1"
+def _login_headers(uri: str) -> tuple[str, dict[str, str]]:
+    """The address without user:password@, and the Authorization header MLflow's client would send.
+
+    MLflow reads MLFLOW_TRACKING_TOKEN (Bearer) or MLFLOW_TRACKING_USERNAME/PASSWORD (Basic);
+    requests also takes a login from the address. The probe below uses urllib, so it adds them itself.
+    """
+    parts = urllib.parse.urlsplit(uri)
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME") or urllib.parse.unquote(parts.username or "")
+    password = os.environ.get("MLFLOW_TRACKING_PASSWORD") or urllib.parse.unquote(parts.password or "")
+    bare = urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+    token = os.environ.get("MLFLOW_TRACKING_TOKEN")
+    if token:
+        return bare, {"Authorization": f"Bearer {token}"}
+    if user:
+        return bare, {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+    return bare, {}
+
+
+def login_user(uri: str) -> str | None:
+    """Who the store is asked to let in (MLFLOW_TRACKING_USERNAME, else the address's user), if anyone."""
+    return os.environ.get("MLFLOW_TRACKING_USERNAME") or urllib.parse.urlsplit(uri).username or None
+
+
+def _refused(uri: str, code: int) -> StoreError:
+    """A 401/403 from the store as one line that says what to set or whom to ask."""
+    user = login_user(uri)
+    if code == 401 and not user and not os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        why = "it needs a login: set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+    elif code == 401:
+        why = f"wrong username or password for {user or 'the token in MLFLOW_TRACKING_TOKEN'}; check MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+    else:
+        why = f"user {user or '?'} may not do this there; ask whoever runs the store for access (README: Working as a team)"
+    return StoreError(f"store {masked(uri)} refused access (HTTP {code}): {why}")
+
+
+def _ping(uri: str, timeout: float = 30.0) -> None:
+    """One cheap request that tells an unreachable server, a refused login, or one that is not MLflow, in one line.
+
+    A dead port answers at once; the timeout is for a login-protected server, which hashes the
+    password of every request it has not cached (measured: 5-12 s on a busy 2-core machine).
+    """
+    bare, headers = _login_headers(uri)
+    probe = urllib.request.Request(f"{bare}/api/2.0/mlflow/experiments/search?max_results=1", headers=headers)
     try:
         with urllib.request.urlopen(probe, timeout=timeout) as reply:  # noqa: S310 - the scheme is checked
             body = json.loads(reply.read() or b"{}")
     except urllib.error.HTTPError as exc:
         if exc.code in (401, 403):
-            raise StoreError(
-                f"store {masked(uri)} refused access (HTTP {exc.code}); set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
-            ) from None
+            raise _refused(uri, exc.code) from None
         raise StoreError(
             f"store {masked(uri)} answers HTTP {exc.code} but is not an MLflow tracking server; check the address"
         ) from None
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise StoreError(f"store {masked(uri)} is unreachable ({reason}); is `mlflow server` running there?") from None
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, UnicodeDecodeError):
         raise StoreError(
             f"store {masked(uri)} answers, but not as an MLflow tracking server; check the address"
         ) from None
@@ -165,7 +226,12 @@ def _client(uri: str) -> Any:
 
 def _failure(uri: str, what: str, exc: BaseException) -> StoreError:
     """An MLflow or network exception as one line (first line of its message, URI masked)."""
+    code = getattr(exc, "get_http_status_code", lambda: None)()
+    if code in (401, 403):  # e.g. a teammate with READ permission publishing into the team's experiment
+        refused = _refused(uri, code)
+        return StoreError(f"{what} stopped: {refused}")
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    text = "".join(ch if ch.isprintable() else "?" for ch in text)  # a server's words: no terminal escapes
     if len(text) > 200:
         text = text[:200] + "..."
     return StoreError(f"store {masked(uri)}: {what} failed ({type(exc).__name__}: {text})")
@@ -199,6 +265,44 @@ def qualified_name(info: dict[str, Any]) -> str:
     return f"{info.get('user') or 'unknown'}/{info.get('name')}"
 
 
+def plain_name(value: Any) -> bool:
+    """Whether ``value`` can be a folder name under runs/ as it is: one plain path part (see _PLAIN)."""
+    return isinstance(value, str) and _PLAIN.fullmatch(value) is not None
+
+
+def _shown(value: Any) -> str:
+    """A value from a store, quoted for a message: control characters escaped, so it stays one line."""
+    return repr(value) if isinstance(value, str) else repr(type(value).__name__)
+
+
+def _name_problem(user: Any, name: Any) -> str | None:
+    """Why ``user``/``name`` cannot be a run folder under runs/, or None."""
+    for what, value in (("user", user), ("run name", name)):
+        if not plain_name(value):
+            return (
+                f"its {what} {_shown(value)} is not a plain name (letters, digits, space and _ . - + @ =, "
+                "not starting with a dot or space, at most 100 characters)"
+            )
+    return None
+
+
+def _member_problem(ref: Any) -> str | None:
+    """Why an ensemble member reference (``name`` or ``user/name``) is not a plain run reference, or None."""
+    parts = ref.split("/") if isinstance(ref, str) else [ref]
+    if len(parts) > 2 or not all(plain_name(part) for part in parts):
+        return f"its member {_shown(ref)} is not a run name or user/name"
+    return None
+
+
+def _publishable_name(info: dict[str, Any], run_dir: Path) -> None:
+    """Refuse to publish a run whose user or name teammates could not pull (their pull would refuse it)."""
+    problem = _name_problem(str(info.get("user") or "unknown"), str(info.get("name")))
+    for member in (info.get("ensemble") or {}).get("members") or []:
+        problem = problem or _member_problem(member.get("run"))
+    if problem:
+        raise StoreError(f"{run_dir}: cannot publish: {problem}; rename the run (its name in {RUN_FILE}) or set $USER")
+
+
 def fingerprints(run_dir: Path, info: dict[str, Any]) -> tuple[str, str]:
     """(data, split) fingerprints from folds.csv: the training images (+ classes), and their folds.
 
@@ -227,7 +331,8 @@ def publishable_files(run_dir: Path, checkpoints: bool = False) -> list[str]:
     """Relative paths to upload, small first, checkpoints (if asked) after, run.json last."""
     files = [name for name in OUTPUTS if (run_dir / name).is_file()]
     for pattern in SIDE_FILES + (CHECKPOINTS if checkpoints else ()):
-        files += sorted(str(p.relative_to(run_dir)) for p in run_dir.glob(pattern) if p.is_file())
+        found = (p.relative_to(run_dir).as_posix() for p in run_dir.glob(pattern) if p.is_file())
+        files += sorted(rel for rel in found if all(map(plain_name, rel.split("/"))))  # what a pull accepts
     return [*files, RUN_FILE]
 
 
@@ -346,6 +451,7 @@ def publish(
     if not typed.done:
         raise RunError(f"{run_dir}: run is {typed.status}; only finished runs are published (finish it first)")
     info = typed.record()  # the record as written: it becomes the store's params, metrics and tags
+    _publishable_name(info, run_dir)
     if not (run_dir / "folds.csv").is_file():
         raise RunError(f"{run_dir}: folds.csv is missing; a run without its split cannot be shared")
     files = publishable_files(run_dir, checkpoints)
@@ -421,7 +527,8 @@ def _publish(
         run = client.create_run(_experiment_id(client, experiment, data_fp), run_name=tags["mlflow.runName"], tags=tags)
     else:
         run = existing
-        previous = _remote_manifest(client, run.info.run_id) or {}
+        found = _remote_manifest(client, run.info.run_id)
+        previous = found if isinstance(found, dict) else {}  # none or unusable: upload everything
     run_id = run.info.run_id
     client.set_tag(run_id, "pstage.published", "")  # unpublished until the manifest has landed
     params = _flat(yaml_config(run_dir))
@@ -464,13 +571,43 @@ def _url(uri: str, run: Any) -> str:
     return f"{masked(uri)}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
 
 
-def _remote_manifest(client: Any, run_id: str) -> dict[str, Any] | None:
+NOT_A_MANIFEST = "not a manifest"  # what _remote_manifest answers for a file that is no manifest at all
+
+
+def _remote_manifest(client: Any, run_id: str) -> Any:
+    """The run's manifest as parsed JSON; None when it cannot be fetched (none yet: a first publish
+    was interrupted), NOT_A_MANIFEST when the server answers something that is no JSON file."""
     with tempfile.TemporaryDirectory(prefix="pstage-manifest-") as tmp:
         try:
-            path = client.download_artifacts(run_id, MANIFEST, tmp)
+            path = _download(client, run_id, MANIFEST, Path(tmp))
+        except StoreError:
+            return NOT_A_MANIFEST
         except Exception:  # noqa: BLE001 - no manifest yet (first publish was interrupted): upload everything
             return None
-        return read_json(path)
+        try:
+            return json.loads(path.read_bytes())
+        except (ValueError, RecursionError):
+            return NOT_A_MANIFEST
+
+
+def _download(client: Any, run_id: str, rel: str, into: Path) -> Path:
+    """The artifact ``rel`` downloaded into the empty folder ``into``: exactly one regular file.
+
+    MLflow places a nested artifact by its last part (``fold_0/best.ckpt`` -> ``into/best.ckpt``)
+    and writes what the server lists; a hostile server could answer a folder or other paths for
+    ``rel``. Anything but the one plain file asked for is a StoreError (``into`` is a scratch
+    folder the caller throws away).
+    """
+    got = Path(os.path.abspath(client.download_artifacts(run_id, rel, str(into))))
+    allowed = {Path(os.path.abspath(into / rel)), Path(os.path.abspath(into / Path(rel).name))}
+    entries = [Path(root) / n for root, dirs, files in os.walk(into) for n in dirs + files]
+    links = [e for e in entries if e.is_symlink()]
+    files = [Path(os.path.abspath(e)) for e in entries if stat.S_ISREG(e.lstat().st_mode)]
+    if got not in allowed or links or files != [got]:
+        raise StoreError(
+            f"{rel} did not download as one regular file (the server answered a folder, a link or other paths)"
+        )
+    return got
 
 
 # --- list and find -----------------------------------------------------------------------------
@@ -501,29 +638,54 @@ def _find_uid(client: Any, uid: str) -> Any | None:
 
 
 def _stored(run: Any) -> StoredRun:
-    tags = run.data.tags
-    info = json.loads(tags.get("pstage.info") or "{}")
+    """A run of the store as pstage sees it; a name or tag no pstage would publish sets ``problem``.
+
+    The name comes from the ``pstage.user`` and ``pstage.name`` tags (never from ``mlflow.runName``,
+    which anyone can set to ``../../x``); the board fields from ``pstage.info``, with the tags' user
+    and name, so what the board shows is what a pull would use.
+    """
+    tags = dict(run.data.tags)
+    user, name = tags.get("pstage.user", ""), tags.get("pstage.name", "")
+    problem = _name_problem(user, name)
+    try:
+        info = json.loads(tags.get("pstage.info") or "{}")
+    except json.JSONDecodeError:
+        info = None
+    if not isinstance(info, dict):
+        info, problem = {}, problem or "its pstage.info tag is not a JSON object"
+    uid = tags.get("pstage.uid", "")
+    if not _UID.fullmatch(uid):
+        problem = problem or f"its pstage.uid tag {_shown(uid)} is not a run uid"
     return StoredRun(
-        qualified=tags.get("mlflow.runName") or f"{tags.get('pstage.user')}/{tags.get('pstage.name')}",
-        uid=tags.get("pstage.uid", ""),
+        qualified=f"{user}/{name}",
+        uid=uid,
         run_id=run.info.run_id,
         experiment_id=run.info.experiment_id,
-        info=info,
+        info={**info, "user": user, "name": name},
         published=tags.get("pstage.published", ""),
         checkpoints=tags.get("pstage.checkpoints") == "true",
-        tags=dict(tags),
+        tags=tags,
+        problem=problem,
     )
 
 
-def list_runs(uri: str, *, published_only: bool = True) -> list[StoredRun]:
-    """Every run on the store (published ones only, unless asked), newest first."""
-    uri = store_uri(uri) or ""
+def _every_run(uri: str) -> list[StoredRun]:
+    """Every run on the store with a ``pstage.uid`` tag, refusable ones included (``problem`` says why)."""
     client = _client(uri)
     try:
-        runs = [_stored(r) for r in _search(client, "tags.`pstage.uid` LIKE '%'")]
+        return [_stored(r) for r in _search(client, "tags.`pstage.uid` LIKE '%'")]
     except _errors() as exc:
         raise _failure(uri, "listing runs", exc) from None
-    return [r for r in runs if r.published or not published_only]
+
+
+def list_runs(uri: str, *, published_only: bool = True) -> list[StoredRun]:
+    """Every run on the store (published ones only, unless asked), newest first.
+
+    Runs a pull would refuse (a name that is no plain folder name, a malformed tag) are left out:
+    the board never shows what no teammate can use.
+    """
+    uri = store_uri(uri) or ""
+    return [r for r in _every_run(uri) if r.problem is None and (r.published or not published_only)]
 
 
 def _match(ref: str, runs: list[StoredRun]) -> list[StoredRun]:
@@ -532,10 +694,28 @@ def _match(ref: str, runs: list[StoredRun]) -> list[StoredRun]:
     return [r for r in runs if r.info.get("name") == ref or r.uid == ref or r.tags.get("pstage.name") == ref]
 
 
+def _label(stored: StoredRun) -> str:
+    """The run's user/name for a message: as is when it is a plain name, else quoted (one line, escapes shown)."""
+    return stored.qualified if _name_problem(*stored.qualified.split("/", 1)) is None else _shown(stored.qualified)
+
+
+def _refuse(stored: StoredRun, why: str) -> StoreError:
+    """The one line that refuses a run from the store: which run (name and MLflow id), why, and that nothing was written."""
+    return StoreError(
+        f"refused to pull {_label(stored)} (MLflow run {stored.run_id}): {why}; nothing was written "
+        "(pstage never publishes such a run: ask whoever published it, or the store's admin)"
+    )
+
+
 def find(uri: str, ref: str) -> StoredRun:
     """The published run ``ref`` names: ``user/name``, a plain name if only one user has it, or a uid."""
-    every = list_runs(uri, published_only=False)
+    uri = store_uri(uri) or ""
+    every = _every_run(uri)
     found = _match(ref, [r for r in every if r.published])
+    if found and all(r.problem for r in found):
+        raise _refuse(found[0], str(found[0].problem))
+    every = [r for r in every if r.problem is None]  # as on the board: refusable runs never shadow usable ones
+    found = [r for r in found if r.problem is None]
     if len(found) == 1:
         return found[0]
     if len(found) > 1:
@@ -573,8 +753,9 @@ def pull(
 ) -> tuple[Path, int]:
     """Copy a published run into ``runs_dir/<user>/<name>``; returns (folder, files downloaded).
 
-    Every file is checked against the published sha256 before it takes its place; files already
-    there with the right checksum are kept (resume, cache); run.json is written last.
+    Every name, path, run.json and config.yaml is validated before anything is written (a refusal
+    writes nothing); every file is checked against the published sha256 before it takes its place;
+    files already there with the right checksum are kept (resume, cache); run.json is written last.
     """
     uri = store_uri(uri) or ""
     stored = find(uri, ref)
@@ -584,7 +765,13 @@ def pull(
             f"{stored.qualified} was published without its fold checkpoints, which this needs; ask "
             f"{stored.info.get('user', 'its owner')} to run: pstage push {stored.info.get('name')} --store URI --with-checkpoints"
         )
-    dest = Path(runs_dir).expanduser() / stored.qualified
+    owner = Path(runs_dir).expanduser() / stored.info["user"]
+    if (owner / RUN_FILE).is_file():
+        raise StoreError(
+            f"{owner} is a run of this machine, so {stored.qualified} cannot be pulled into it; "
+            f"rename or move {owner} and pull again"
+        )
+    dest = owner / stored.info["name"]
     sidecar = dest / PULLED
     if (dest / RUN_FILE).is_file():
         local_uid = run_uid(RunDir(dest).read_info().record())
@@ -603,6 +790,137 @@ def pull(
         raise _failure(uri, f"pulling {stored.qualified}", exc) from None
 
 
+def _is_published_path(rel: str) -> bool:
+    """Whether ``rel`` is a path pstage publishes: run.json, an output, a side file or a checkpoint.
+
+    Matched part by part (``fold_*/best.ckpt`` is two parts, so ``a/fold_0/best.ckpt`` is not one).
+    """
+    parts = rel.split("/")
+    patterns = (RUN_FILE, *OUTPUTS, *SIDE_FILES, *CHECKPOINTS)
+    return any(
+        len(pattern.split("/")) == len(parts)
+        and all(fnmatch.fnmatchcase(part, p) for part, p in zip(parts, pattern.split("/"), strict=True))
+        for pattern in patterns
+    )
+
+
+def _path_problem(rel: Any) -> str | None:
+    """Why a manifest entry cannot be written under the run folder, or None.
+
+    Relative, normalised (no ``.``, ``..``, empty or dot-led parts, no backslash), plain parts, and
+    one of the paths pstage publishes: absolute paths, ``../../.bashrc`` and ``fold_0/../../x`` all fail.
+    """
+    if not isinstance(rel, str) or not rel:
+        return f"manifest entry {_shown(rel)} is not a file path"
+    parts = rel.split("/")
+    if rel.startswith("/") or "\\" in rel or not all(plain_name(part) for part in parts):
+        return f"manifest path {_shown(rel)} is not a plain relative path inside the run folder"
+    if not _is_published_path(rel):
+        return f"manifest path {_shown(rel)} is not a file pstage publishes"
+    return None
+
+
+def _entry_problem(rel: str, entry: Any) -> str | None:
+    """Why a manifest entry's checksum fields are malformed (a 64-hex sha256 and a byte count), or None."""
+    if not isinstance(entry, dict):
+        return f"manifest entry {_shown(rel)} is not a checksum record"
+    digest, size = entry.get("sha256"), entry.get("size")
+    if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
+        return f"manifest entry {_shown(rel)} has no sha256 digest"
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        return f"manifest entry {_shown(rel)} has no file size"
+    if rel in (RUN_FILE, CONFIG_FILE) and size > MAX_RECORD_BYTES:
+        return f"manifest entry {_shown(rel)} is {size} bytes; pstage's are a few KB"
+    return None
+
+
+def _checked_manifest(stored: StoredRun, manifest: Any) -> dict[str, dict[str, Any]]:
+    """The manifest's files, every path and checksum record validated; anything else refuses the run."""
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or RUN_FILE not in files:
+        raise _refuse(stored, f"{MANIFEST} is not a pstage manifest (no files, or no {RUN_FILE})")
+    if manifest.get("uid") != stored.uid or manifest.get("name") != stored.qualified:
+        raise _refuse(stored, f"{MANIFEST} names another run ({_shown(manifest.get('name'))})")
+    for rel, entry in files.items():
+        problem = _path_problem(rel) or _entry_problem(rel, entry)
+        if problem:
+            raise _refuse(stored, problem)
+    return files
+
+
+def _checked_records(stored: StoredRun, files: dict[str, Path]) -> RunInfo:
+    """run.json (and config.yaml, if published), downloaded to ``files``, validated like user input.
+
+    run.json must be a run record naming the run the store's tags name (same user, name and uid:
+    later stages build paths and member references from it); config.yaml must be a valid config.
+    """
+    # the config layer is below runs; imported here only for its cost (pydantic models of every section)
+    from pstage.config import load_run_config
+
+    try:
+        info = parse_run_info(json.loads(files[RUN_FILE].read_bytes()), Path(stored.qualified))
+    except (ValueError, RecursionError, RunInfoError) as exc:
+        reason = exc.reason if isinstance(exc, RunInfoError) else f"{RUN_FILE} is not JSON"
+        raise _refuse(stored, reason) from None
+    record = info.record()
+    if (
+        (info.user or "unknown") != stored.info["user"]
+        or info.name != stored.info["name"]
+        or run_uid(record) != stored.uid
+    ):
+        raise _refuse(
+            stored, f"{RUN_FILE} names another run ({_shown(qualified_name(record))}, uid {_shown(run_uid(record))})"
+        )
+    for member in info.members:
+        problem = _member_problem(member.run)
+        if problem:
+            raise _refuse(stored, f"{RUN_FILE}: {problem}")
+    if CONFIG_FILE in files:
+        try:
+            load_run_config(files[CONFIG_FILE])
+        except ConfigError as exc:
+            raise _refuse(stored, f"{CONFIG_FILE} is not a valid config ({exc})") from None
+    return info
+
+
+def _fetch(client: Any, stored: StoredRun, rel: str, entry: dict[str, Any], into: Path) -> Path:
+    """One manifest file downloaded into the empty folder ``into`` and checked: one regular file, its sha256 and size."""
+    try:
+        got = _download(client, stored.run_id, rel, into)
+    except StoreError as exc:
+        raise _refuse(stored, str(exc)) from None
+    if got.stat().st_size != entry["size"] or sha256_file(got) != entry["sha256"]:
+        raise StoreError(
+            f"{stored.qualified}: {rel} downloaded with the wrong checksum (the store changed or the copy broke); pull again"
+        )
+    return got
+
+
+def _verified(path: Path, entry: dict[str, Any]) -> bool:
+    """Whether ``path`` is a file with the manifest entry's size and sha256 (kept on a resumed pull)."""
+    return path.is_file() and path.stat().st_size == entry["size"] and sha256_file(path) == entry["sha256"]
+
+
+def _place(source: Path, target: Path) -> None:
+    """Move a verified file to ``target`` atomically (a rename; across file systems a copy beside it, then a rename)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(source, target)
+    except OSError:  # another file system: never half a file at target all the same
+        temporary = target.with_name(f".{target.name}.pull")
+        shutil.copyfile(source, temporary)
+        os.replace(temporary, target)
+
+
+def _scratch_root(dest: Path) -> Path:
+    """The nearest existing folder above ``dest``: downloads wait there (same disk as the run, as a rule)
+    in a temporary folder that is removed after, so a refused pull leaves nothing behind."""
+    folder = dest.absolute().parent
+    while not folder.is_dir():
+        folder = folder.parent
+    return folder
+
+
 def _pull(
     client: Any,
     uri: str,
@@ -611,39 +929,69 @@ def _pull(
     checkpoints: bool,
     progress: Callable[[str], None] | None,
 ) -> tuple[Path, int]:
+    """Download, verify and place a published run (see ``pull``); returns (folder, files that changed).
+
+    Files are downloaded into a scratch folder and the run folder is written only once every one
+    passed: a refused pull (a bad name, path or record, a folder or link for a file, a wrong
+    checksum) writes nothing. A pull cut off by the network keeps the files it verified (in the run
+    folder, without run.json) and fetches only the rest next time.
+    """
     manifest = _remote_manifest(client, stored.run_id)
+    if manifest is NOT_A_MANIFEST:
+        raise _refuse(stored, f"its {MANIFEST} is not one JSON file")
     if manifest is None or _digest(manifest) != stored.published:
         raise StoreError(f"{stored.qualified} is being re-published right now; pull again in a moment")
-    entries: dict[str, dict[str, Any]] = manifest["files"]
-    wanted = [rel for rel in entries if checkpoints or not any(Path(rel).match(p) for p in CHECKPOINTS)]
-    wanted = [rel for rel in wanted if rel != RUN_FILE] + [RUN_FILE]
+    entries = _checked_manifest(stored, manifest)
+    records = [rel for rel in (CONFIG_FILE, RUN_FILE) if rel in entries]
+    others = [rel for rel in entries if rel not in records]
+    others = [rel for rel in others if checkpoints or not any(Path(rel).match(p) for p in CHECKPOINTS)]
+    staged: dict[str, Path] = {}
+    with tempfile.TemporaryDirectory(prefix=".pstage-pull-", dir=_scratch_root(dest)) as tmp:
+        scratch = Path(tmp)
+        for index, rel in enumerate(records):  # validated before anything else is fetched
+            staged[rel] = _fetch(client, stored, rel, entries[rel], _fresh(scratch, index))
+        _checked_records(stored, staged)
+        try:
+            for index, rel in enumerate(others, start=len(records)):
+                if not _verified(dest / rel, entries[rel]):  # else already here (a resumed pull)
+                    staged[rel] = _fetch(client, stored, rel, entries[rel], _fresh(scratch, index))
+        except _errors():  # the network, not a refusal: keep what was verified for the next pull
+            _keep(dest, {rel: path for rel, path in staged.items() if rel not in records}, entries, progress)
+            raise
+        fetched = _keep(dest, {rel: path for rel, path in staged.items() if rel != RUN_FILE}, entries, progress)
+        write_json(
+            dest / PULLED,
+            {"store": masked(uri), "uid": stored.uid, "digest": stored.published, "checkpoints": checkpoints},
+        )
+        _place(staged[RUN_FILE], dest / RUN_FILE)  # last: now it is a run
+        if progress:
+            progress(RUN_FILE)
+    return dest.resolve(), fetched + 1
+
+
+def _fresh(scratch: Path, index: int) -> Path:
+    """An empty folder for one download (so nothing else can be in it)."""
+    folder = scratch / str(index)
+    folder.mkdir()
+    return folder
+
+
+def _keep(
+    dest: Path, staged: dict[str, Path], entries: dict[str, dict[str, Any]], progress: Callable[[str], None] | None
+) -> int:
+    """Move verified files into the run folder, run.json removed first (it marks a complete run);
+    returns how many files changed there."""
     dest.mkdir(parents=True, exist_ok=True)
-    (dest / RUN_FILE).unlink(missing_ok=True)  # not a run until every file is verified (so run.json comes last)
-    partial = dest / ".pull"
-    fetched = 0
-    for rel in wanted:
-        target, entry = dest / rel, entries[rel]
-        if target.is_file() and target.stat().st_size == entry["size"] and sha256_file(target) == entry["sha256"]:
-            continue
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-        got = Path(client.download_artifacts(stored.run_id, rel, str(partial)))
-        if got.stat().st_size != entry["size"] or sha256_file(got) != entry["sha256"]:
-            raise StoreError(
-                f"{stored.qualified}: {rel} downloaded with the wrong checksum (the store changed or the copy broke); pull again"
-            )
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if rel == RUN_FILE:
-            write_json(
-                dest / PULLED,
-                {"store": masked(uri), "uid": stored.uid, "digest": stored.published, "checkpoints": checkpoints},
-            )
-        os.replace(got, target)
-        fetched += 1
+    (dest / RUN_FILE).unlink(missing_ok=True)
+    changed = 0
+    for rel, path in staged.items():
+        if _verified(dest / rel, entries[rel]):
+            continue  # the same bytes are there already (config.yaml on a resumed pull)
+        _place(path, dest / rel)
+        changed += 1
         if progress:
             progress(rel)
-    shutil.rmtree(partial, ignore_errors=True)
-    return dest.resolve(), fetched
+    return changed
 
 
 def say_stderr(line: str) -> None:
