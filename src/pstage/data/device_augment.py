@@ -7,8 +7,8 @@ batch is on (augment.device).
 Hand-written rather than kornia (which pstage used before): kornia runs each transform as its own
 module with per-call parameter generation and checks, ~60 small ops per preset. Measured on 2
 CPU cores (strong preset, 64 images of 64x48): kornia 16-20 ms per batch, albumentations per
-image 8.4 ms, this fused version ~2 ms; on a tiny batch (the host-side cost that also bounds a
-GPU step) kornia 1.7 ms vs 0.4 ms. Here every per-image parameter is drawn at once on the host
+image 8.4 ms, the fused version ~2 ms (before the parity below); on a tiny batch (the host-side
+cost that also bounds a GPU step) kornia 1.7 ms vs 0.4 ms. Here every per-image parameter is drawn at once on the host
 (torch's CPU generator, which Lightning seeds per fold: runs repeat) and the preset becomes one
 warp (flip + scale/shift/rotate folded into one sampling grid), one 3x3 colour map per image
 (brightness/contrast and grey folded together, the normalisation too), the HSV shift on the
@@ -21,8 +21,8 @@ albumentations', see presets.py; tests/test_augment_parity.py compares the two o
 throughout: no rounding to uint8 between ops, and the only clip before the end is before the HSV
 shift (it needs values in range). Matching albumentations (HSV shifts instead of a YIQ rotation and
 saturation scaling, 1-3 erased boxes instead of one, per-axis scales, its blur kernels) made a
-call ~1.2x costlier: 19.1 vs 15.6 ms for 64 images of 64x48 (interleaved medians, one thread, on
-a machine loaded 3-4x over its 2 cores).
+call 1.16-1.27x costlier for 64 images of 64x48 (interleaved medians on one thread of a shared
+machine; at the quietest 10.6 vs 9.2 ms) and a 2-image call's host time 1.1 vs 0.8 ms.
 """
 
 from __future__ import annotations
