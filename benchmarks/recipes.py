@@ -74,7 +74,7 @@ def main() -> None:
     parser.add_argument("--out", help="also write the Markdown table to this file")
     args = parser.parse_args()
 
-    from pstage.data.synthetic import make_demo_data
+    from pstage.demo.synthetic import make_demo_data
     from pstage.training.train import train
 
     if args.tiny:

@@ -56,7 +56,7 @@ def ddp_cost(tmp: Path) -> dict[str, float]:
     """Wall seconds of one tiny fold: one process vs two 'nodes' (gloo on 127.0.0.1)."""
     from tests.conftest import FAST, free_port
 
-    from pstage.data.synthetic import make_demo_data
+    from pstage.demo.synthetic import make_demo_data
 
     data = make_demo_data(tmp / "data", persons=30, eval_persons=6, image_size=(64, 48), seed=0)
     common = [*FAST, "train.folds=[0]", "train.epochs=3", "train.accelerator=cpu", "train.num_workers=0"]

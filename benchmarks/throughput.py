@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from pstage.core.devices import autocast_dtype, resolve_precision
 from pstage.data.sources import is_hidden, is_image
-from pstage.data.synthetic import make_demo_data
+from pstage.demo.synthetic import make_demo_data
 
 SETTINGS = [  # (model, (H, W), batch)
     ("resnet10t", (64, 48), 64),

@@ -50,7 +50,7 @@ def main() -> None:
 
     import optuna
 
-    from pstage.data.synthetic import make_demo_data
+    from pstage.demo.synthetic import make_demo_data
     from pstage.tuning.tune import tune
 
     out = args.out or Path(tempfile.mkdtemp(prefix="tune-bench-"))

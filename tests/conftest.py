@@ -60,7 +60,7 @@ def pytest_configure(config: pytest.Config) -> None:
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small competition-layout dataset (30 train persons, 6 eval persons, 64x48 photos); read-only by convention."""
-    from pstage.data.synthetic import make_demo_data
+    from pstage.demo.synthetic import make_demo_data
 
     return make_demo_data(
         tmp_path_factory.mktemp("demo") / "data", persons=30, eval_persons=6, image_size=(64, 48), seed=0
@@ -70,7 +70,7 @@ def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def learn_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """120 train persons (64x48 photos): enough for a tiny model to learn in a minute."""
-    from pstage.data.synthetic import make_demo_data
+    from pstage.demo.synthetic import make_demo_data
 
     return make_demo_data(
         tmp_path_factory.mktemp("learn") / "data", persons=120, eval_persons=6, image_size=(64, 48), seed=1

@@ -10,16 +10,17 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pstage.data.synthetic import (
+from pstage.core.tasks import age_bucket
+from pstage.demo.synthetic import (
+    AGE_THRESHOLDS,
     INFO_COLUMNS,
     STEMS,
     TRAIN_COLUMNS,
     TRUTH_COLUMNS,
-    age_bucket,
-    class_label,
     make_demo_data,
     person_spec,
     render_person,
+    truth_class,
 )
 
 SIZE = (64, 48)
@@ -84,7 +85,7 @@ def test_eval_info_matches_truth(demo: Path) -> None:
 
 def test_truth_labels_follow_formula(demo: Path) -> None:
     truth = pd.read_csv(demo / "demo_truth.csv", dtype={"person": str})
-    buckets = truth["age"].map(age_bucket)
+    buckets = age_bucket(truth["age"].to_numpy(), AGE_THRESHOLDS)
     assert (truth["ans"] == truth["mask"] * 6 + truth["gender"] * 3 + buckets).all()
     assert truth["ans"].between(0, 17).all()
     for _, rows in truth.groupby("person"):
@@ -113,11 +114,11 @@ def test_manifest(demo: Path) -> None:
     assert manifest["eval_images"] == 7 * EVAL_PERSONS
 
 
-def test_class_label() -> None:
-    assert class_label("mask3", "male", 25) == 0
-    assert class_label("incorrect_mask", "female", 45) == 6 + 3 + 1
-    assert class_label("normal", "female", 60) == 17
-    assert [age_bucket(a) for a in (18, 29, 30, 59, 60, 75)] == [0, 0, 1, 1, 2, 2]
+def test_truth_class() -> None:
+    assert truth_class("mask3", "male", 25) == 0
+    assert truth_class("incorrect_mask", "female", 45) == 6 + 3 + 1
+    assert truth_class("normal", "female", 60) == 17
+    assert age_bucket([18, 29, 30, 59, 60, 75], AGE_THRESHOLDS).tolist() == [0, 0, 1, 1, 2, 2]
 
 
 def test_population_fractions() -> None:
@@ -129,7 +130,7 @@ def test_population_fractions() -> None:
     assert 0.01 < exts.str.contains("[A-Z]").mean() < 0.05
     assert 0.03 < np.mean([p.junk > 0 for p in people]) < 0.07
     assert 0.55 < np.mean([p.gender == "female" for p in people]) < 0.65
-    buckets = np.bincount([age_bucket(p.age) for p in people], minlength=3) / len(people)
+    buckets = np.bincount(age_bucket([p.age for p in people], AGE_THRESHOLDS), minlength=3) / len(people)
     assert abs(buckets[0] - 0.45) < 0.04 and abs(buckets[1] - 0.40) < 0.04 and abs(buckets[2] - 0.15) < 0.03
     assert min(p.age for p in people) >= 18
 

@@ -1,6 +1,7 @@
 """Augmentation on the device (batched after the transfer) and train.batch_size=auto."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -8,8 +9,9 @@ import torch
 import pstage
 from pstage.config import AugmentConfig, load_config
 from pstage.core.errors import ConfigError
-from pstage.data.augment import build_transforms, on_device
-from pstage.data.device_augment import DeviceAugment, Preset, build_device_augment
+from pstage.data.augment import augment_backend, build_transforms, on_device
+from pstage.data.device_augment import DeviceAugment, build_device_augment
+from pstage.data.presets import OPS, STRONG, Preset
 from pstage.training.batch_size import auto_batch_size, scaled_lr
 from tests.conftest import FAST
 
@@ -48,10 +50,8 @@ def test_presets_on_the_device_draw_per_image_and_repeat_with_the_seed(preset):
 
 
 def _only(**probabilities: float) -> DeviceAugment:
-    """A preset with just the given ops at the given probabilities (every other op off)."""
-    aug = DeviceAugment("basic")
-    aug.preset = Preset(**{"flip": 0.0, "affine": 0.0, "brightness_contrast": 0.0, **probabilities})
-    return aug
+    """The strong preset with just the given ops at the given probabilities (every other op off)."""
+    return DeviceAugment(Preset(**{op: replace(getattr(STRONG, op), p=probabilities.get(op, 0.0)) for op in OPS}))
 
 
 def test_the_batched_ops_do_what_they_say():
@@ -65,7 +65,7 @@ def test_the_batched_ops_do_what_they_say():
     assert torch.allclose(grey[:, 0], grey[:, 1], atol=1e-2) and torch.allclose(grey[:, 1], grey[:, 2], atol=1e-2)
     luma = (images.float() @ torch.tensor([0.299, 0.587, 0.114])).clamp(0, 255)
     assert torch.allclose(grey[:, 0], luma, atol=0.05)
-    # erasing: one black box per image, a few % of its area
+    # erasing: 1-3 black boxes per image, a few % of its area
     erased = _only(erase=1.0)(images, MEAN, STD) * STD + MEAN
     black = (erased.abs() < 1e-3).all(1).flatten(1).float().mean(1)
     assert bool(((0.001 < black) & (black < 0.05)).all())
@@ -89,6 +89,20 @@ def test_where_the_preset_runs():
     assert build_device_augment(AugmentConfig(device=True, preset="none")) is None
     with pytest.raises(ConfigError, match="augment.transforms"):
         on_device(AugmentConfig(device=True, transforms=["HorizontalFlip"]))
+    # what run.json records (resolved.augment)
+    device = "cuda" if cuda else "cpu"
+    assert augment_backend(AugmentConfig(), (64, 48), "auto") == {
+        "preset": "strong",
+        "backend": "device",
+        "device": device,
+    }
+    assert augment_backend(AugmentConfig(device=False), (64, 48), "cpu")["backend"] == "loader"
+    assert augment_backend(AugmentConfig(preset="none"), (64, 48), "cpu")["backend"] == "none"
+    assert augment_backend(AugmentConfig(transforms=["ToGray"]), (64, 48), "cpu") == {
+        "preset": "custom",
+        "backend": "loader",
+        "device": "cpu",
+    }
 
 
 def test_device_augmented_training_is_reproducible(demo_root, tmp_path):
@@ -96,7 +110,10 @@ def test_device_augmented_training_is_reproducible(demo_root, tmp_path):
     a = pstage.train(data=demo_root, runs=tmp_path, name="a", overrides=overrides)
     b = pstage.train(data=demo_root, runs=tmp_path, name="b", overrides=overrides)
     assert (a.path / "oof.csv").read_text() == (b.path / "oof.csv").read_text()
-    assert json.loads((a.path / "run.json").read_text())["resolved"]["num_workers"] == 0  # nothing left to the loader
+    resolved = json.loads((a.path / "run.json").read_text())["resolved"]
+    assert resolved["num_workers"] == 0  # nothing left to the loader
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolved["augment"] == {"preset": "strong", "backend": "device", "device": device}  # which backend ran
 
 
 def test_lr_scaling_rule():

@@ -28,7 +28,7 @@ _API = {
     "log_score": ("pstage.runs.public_lb", "log_score"),
     "Board": ("pstage.report.board", "Board"),
     "run_demo": ("pstage.demo", "run_demo"),
-    "make_demo_data": ("pstage.data.synthetic", "make_demo_data"),
+    "make_demo_data": ("pstage.demo.synthetic", "make_demo_data"),
     "tune": ("pstage.tuning.tune", "tune"),
     "TuneResult": ("pstage.tuning.tune", "TuneResult"),
     "export": ("pstage.deploy.export", "export"),

@@ -1,6 +1,7 @@
 """Augmentation: albumentations per image in the loader (custom pipelines, or the presets with
 augment.device=false, or auto on a CPU for images larger than 64x64), CutMix/MixUp per batch; otherwise
-the presets run batched on the training device (device_augment.py).
+the presets run batched on the training device (device_augment.py). Both backends build the presets
+from one description (presets.py); ``augment_backend`` says which one a run used (run.json).
 
 Per-image transforms run on the cached uint8 images in the data loader; batch mixing runs in the
 training step on normalised tensors and mixes the (soft) targets with the same weights.
@@ -21,37 +22,54 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from pstage.config import AugmentConfig  # noqa: E402
+from pstage.core.devices import inference_device  # noqa: E402
 from pstage.core.errors import ConfigError  # noqa: E402
+from pstage.data.presets import PRESETS, Preset  # noqa: E402
 
 
-def _basic() -> list[A.BasicTransform]:
-    return [
-        A.HorizontalFlip(p=0.5),
-        A.Affine(
-            scale=(0.9, 1.1),
-            translate_percent=(-0.06, 0.06),
-            rotate=(-10, 10),
-            border_mode=cv2.BORDER_REFLECT_101,
-            p=0.7,
-        ),
-        A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=0.5),
-    ]
-
-
-def _strong() -> list[A.BasicTransform]:
-    return [
-        *_basic(),
-        A.HueSaturationValue(hue_shift_limit=8, sat_shift_limit=20, val_shift_limit=10, p=0.4),
-        A.OneOf(
-            [A.GaussianBlur(blur_limit=(3, 5)), A.MotionBlur(blur_limit=(3, 5)), A.GaussNoise(std_range=(0.02, 0.08))],
-            p=0.3,
-        ),
-        A.ToGray(p=0.05),
-        A.CoarseDropout(num_holes_range=(1, 3), hole_height_range=(0.05, 0.15), hole_width_range=(0.05, 0.15), p=0.3),
-    ]
-
-
-PRESETS = {"none": list, "basic": _basic, "strong": _strong}
+def albumentations_ops(preset: Preset) -> list[A.BasicTransform]:
+    """The preset's ops (presets.py) as albumentations transforms, in order; ops with p=0 left out."""
+    ops: list[A.BasicTransform] = []
+    if preset.flip.p:
+        ops.append(A.HorizontalFlip(p=preset.flip.p))
+    if (affine := preset.affine).p:
+        ops.append(
+            A.Affine(
+                scale=affine.scale,
+                translate_percent=affine.translate,
+                rotate=affine.rotate,
+                border_mode=cv2.BORDER_REFLECT_101,
+                p=affine.p,
+            )
+        )
+    if (bc := preset.brightness_contrast).p:
+        ops.append(A.RandomBrightnessContrast(brightness_limit=bc.brightness, contrast_limit=bc.contrast, p=bc.p))
+    if (hsv := preset.hsv).p:
+        ops.append(
+            A.HueSaturationValue(
+                hue_shift_limit=hsv.hue, sat_shift_limit=hsv.saturation, val_shift_limit=hsv.value, p=hsv.p
+            )
+        )
+    if (bn := preset.blur_noise).p:
+        blur = [
+            A.GaussianBlur(blur_limit=bn.kernel, sigma_limit=bn.sigma),
+            A.MotionBlur(blur_limit=bn.kernel),
+            A.GaussNoise(std_range=bn.noise_std),
+        ]
+        ops.append(A.OneOf(blur, p=bn.p))
+    if preset.gray.p:
+        ops.append(A.ToGray(p=preset.gray.p))
+    if (erase := preset.erase).p:
+        ops.append(
+            A.CoarseDropout(
+                num_holes_range=erase.holes,
+                hole_height_range=erase.height,
+                hole_width_range=erase.width,
+                fill=erase.fill,
+                p=erase.p,
+            )
+        )
+    return ops
 
 
 def _transform(index: int, spec: Any) -> A.BasicTransform:
@@ -112,6 +130,20 @@ def on_device(cfg: AugmentConfig, image_size: tuple[int, int] | list[int] | None
     return cfg.device is True
 
 
+def augment_backend(
+    cfg: AugmentConfig, image_size: tuple[int, int] | list[int] | None, accelerator: str
+) -> dict[str, str]:
+    """Where a run's augmentation runs, for run.json's ``resolved.augment``: the preset (``custom``
+    for ``augment.transforms``), the backend (``device``: batched in the training step, ``loader``:
+    albumentations per image, ``none``) and the training device (``cpu`` or ``cuda``)."""
+    preset = "custom" if cfg.transforms is not None else cfg.preset
+    if (cfg.transforms is None and cfg.preset == "none") or cfg.transforms == []:
+        backend = "none"
+    else:
+        backend = "device" if on_device(cfg, image_size) else "loader"
+    return {"preset": preset, "backend": backend, "device": inference_device(accelerator).type}
+
+
 def build_transforms(
     cfg: AugmentConfig, seed: int | None = None, image_size: tuple[int, int] | list[int] | None = None
 ) -> A.Compose | None:
@@ -127,7 +159,7 @@ def build_transforms(
     transforms = (
         [_transform(i, spec) for i, spec in enumerate(cfg.transforms)]
         if cfg.transforms is not None
-        else PRESETS[cfg.preset]()
+        else albumentations_ops(PRESETS[cfg.preset])
     )
     return A.Compose(transforms, seed=seed) if transforms else None
 

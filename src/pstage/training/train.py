@@ -35,7 +35,7 @@ from pstage.core.devices import inference_device, is_rank_zero, resolve_precisio
 from pstage.core.errors import ConfigError, DataError, RunError
 from pstage.core.io import now, write_csv
 from pstage.core.metrics import cv_scores, macro_f1, prob_columns
-from pstage.data.augment import build_transforms
+from pstage.data.augment import augment_backend, build_transforms
 from pstage.data.cache import CacheInfo
 from pstage.data.datasets import resolve_workers
 from pstage.data.prepare import prepare_caches, resolve_face_crop
@@ -405,6 +405,7 @@ def _run(
         }
         fit_cfg = _resolve_batch(cfg, previous, source, folds, precision)
         info["resolved"].update(batch_size=fit_cfg.train.batch_size, lr=fit_cfg.optim.lr)
+        info["resolved"]["augment"] = augment_backend(cfg.augment, cfg.data.image_size, cfg.train.accelerator)
         if rank0:
             if was_done and not pending and not final_pending:
                 console.print(f"  already done (CV macro F1 {previous.score:.4f}); nothing to train")

@@ -17,7 +17,7 @@ import pandas as pd
 from pstage.core.console import console
 from pstage.core.errors import ConfigError
 from pstage.core.metrics import macro_f1
-from pstage.data.synthetic import TRUTH_FILE, make_demo_data
+from pstage.demo.synthetic import TRUTH_FILE, make_demo_data
 from pstage.ensembling.ensemble import ensemble
 from pstage.inference.predict import predict
 from pstage.report.board import board_table, load_board

@@ -13,7 +13,8 @@ demonstrated and tested without the real (non-redistributable) photos:
 The cues are learnable but noisy: the mask status is drawn per photo, gender by hair length, lip colour,
 eyebrows and beard (with stereotype breakers), age by graded hair greyness, wrinkles, a sagging lower face
 and duller skin. Every person gets its own RNG from (seed, person index), so the bytes written do not
-depend on the number of worker processes. Only the standard library, numpy, pandas and cv2 are used.
+depend on the number of worker processes. Only the standard library, numpy, pandas, cv2 and core.tasks'
+labels are used (worker processes import nothing else). The drawing is the demo's own: no stage imports it.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from statistics import NormalDist
 import cv2
 import numpy as np
 import pandas as pd
+
+from pstage.core.tasks import GENDERS, MASK_STEMS, age_bucket, mask_label
 
 GENERATOR_VERSION = 1
 STEMS = ("mask1", "mask2", "mask3", "mask4", "mask5", "incorrect_mask", "normal")
@@ -62,19 +65,12 @@ Points = np.ndarray  # (N, 2) float local coordinates: face centre at 0, face ha
 # ----------------------------------------------------------------------------------------------- labels
 
 
-def mask_label(stem: str) -> int:
-    """Mask class of a file stem: 0 wear (mask1..5), 1 incorrect, 2 not wear (normal)."""
-    return 0 if stem.startswith("mask") else 1 if stem == "incorrect_mask" else 2
+AGE_THRESHOLDS = (30, 60)  # the competition's age buckets: <30, 30-59, >=60 (data.age_thresholds' default)
 
 
-def age_bucket(age: int) -> int:
-    """Competition age bucket: <30 -> 0, 30..59 -> 1, >=60 -> 2."""
-    return 0 if age < 30 else 1 if age < 60 else 2
-
-
-def class_label(stem: str, gender: str, age: int) -> int:
-    """Competition class id: mask*6 + gender*3 + age bucket (male 0, female 1)."""
-    return mask_label(stem) * 6 + (gender == "female") * 3 + age_bucket(age)
+def truth_class(stem: str, gender: str, age: int) -> int:
+    """The competition class of a photo, with core.tasks' labels (mask * 6 + gender * 3 + age bucket)."""
+    return int(mask_label(MASK_STEMS[stem], GENDERS[gender], age_bucket(age, AGE_THRESHOLDS)))
 
 
 # ----------------------------------------------------------------------------------------------- persons
@@ -702,12 +698,12 @@ def _write_person(job: _Job) -> list[dict[str, object]]:
         (Path(root) / "eval" / "images" / image_id).write_bytes(
             _encode(render_photo(person, stem, rng, image_size), ext, rng)
         )
-        gender = int(person.gender == "female")
+        gender = GENDERS[person.gender]
         rows.append(
             {
                 "ImageID": image_id,
-                "ans": class_label(stem, person.gender, person.age),
-                "mask": mask_label(stem),
+                "ans": truth_class(stem, person.gender, person.age),
+                "mask": MASK_STEMS[stem],
                 "gender": gender,
                 "age": person.age,
                 "person": person.pid,
@@ -732,7 +728,7 @@ def _run_jobs(jobs: list[_Job], workers: int) -> list[list[dict[str, object]]]:
 def _manifest(persons: int, eval_persons: int, image_size: tuple[int, int], seed: int) -> dict[str, object]:
     """Arguments identifying a generated data set (workers excluded: bytes do not depend on them)."""
     return {
-        "generator": "pstage.data.synthetic",
+        "generator": "pstage.data.synthetic",  # its first home: data sets generated there are still reused
         "version": GENERATOR_VERSION,
         "persons": persons,
         "eval_persons": eval_persons,
