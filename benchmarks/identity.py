@@ -109,6 +109,14 @@ def summary(found: list[list[dict[str, float]]]) -> dict[str, float]:
     }
 
 
+def markdown(frame: pd.DataFrame, digits: int) -> str:
+    """A Markdown table (pandas' to_markdown needs the tabulate package)."""
+    cell = lambda v: f"{v:.{digits}f}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, required=True)
@@ -130,12 +138,13 @@ def main() -> None:
         )  # the product centres on its training photos' mean (the mean is stable: cos 0.9996 between chunks)
         result = summary(curves(centred(x, centre), table, args.chunk))
         rows.append({"embedding": name, **result, "ms_per_photo": 1000 * seconds / len(paths)})
+        print(rows[-1], flush=True)  # progress: each variant takes minutes
     frame = pd.DataFrame(rows)
     print(
         f"{len(paths)} photos of {args.persons} persons, chunks of {args.chunk}; "
         f"{os.cpu_count()} cores, load average {load:.1f} at the start\n"
     )
-    print(frame.to_markdown(index=False, floatfmt=".3f"))
+    print(markdown(frame, 3))
 
 
 if __name__ == "__main__":

@@ -569,7 +569,7 @@ class PersonsConfig(Section):
     )
     embedding: Literal["auto", "fold", "dlib_resnet"] = Field(
         "auto",
-        description="What tells persons apart. dlib_resnet: a face-recognition network (weights from the face-recognition-models package), eyes and nose only, so masks do not matter; fold: the fold models' pooled features (they encode mask, gender and age more than who someone is); auto: dlib_resnet when installed, else fold.",
+        description="What tells persons apart. dlib_resnet: a face-recognition network (weights from the face-recognition-models package) that sees eyes and nose only, so masks do not matter; fold: the fold models' pooled features (they encode mask, gender and age more than who someone is); auto: dlib_resnet when installed, else fold. Grouping facemask persons (sets of 300): dlib_resnet ARI 0.99, 98% of photos grouped exactly with their person; fold ARI 0.14, 0% (issue #23).",
     )
     threshold: float | None = Field(
         None,
