@@ -85,9 +85,10 @@ def test_dlib_network_is_read_from_the_package_in_torch():
     assert out.shape == (2, 128) and np.isfinite(out).all() and not np.allclose(out[0], out[1])
 
 
-def test_one_person_through_masks_groups_alone(crowd, tmp_path):
+def test_one_person_through_masks_groups_alone(crowd, tmp_path, monkeypatch):
     """Grace's masked, half-masked and bare photos form one group that no generated person joins;
-    ``pstage predict``'s path (group_test, centred as training recorded) does the same."""
+    ``pstage predict``'s path (group_test, centred as training recorded) does the same. Without the
+    greyed lower face (the control) her masked photos drift apart, past the generated persons."""
     paths, people, states = crowd
     config = Config().model_copy(update={"data": Config().data.model_copy(update={"cache_dir": str(tmp_path)})})
     features, centre, computed = persons.face_features(paths, None, config, "dlib_resnet")
@@ -96,6 +97,10 @@ def test_one_person_through_masks_groups_alone(crowd, tmp_path):
     distance = 1 - features @ features.T
     nearest_other = distance[grace][:, ~grace].min()
     assert distance[grace][:, grace].max() < nearest_other, (distance[grace][:, grace].max(), nearest_other)
+    monkeypatch.setattr(identity, "MASK_ROW", identity.CHIP)  # the control: the whole face, masks in view
+    bare, _, _ = persons.face_features(paths[:7], None, config, "dlib_resnet", centre)
+    assert (1 - bare @ bare.T).max() > distance[grace][:, grace].max() + 0.1
+    monkeypatch.undo()
 
     probs = np.full((len(paths), 18), 0.01)
     probs[np.arange(len(paths)), mask_label(states, 0, 0)] = 1.0
