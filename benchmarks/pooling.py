@@ -5,6 +5,8 @@ data's persons, and prints a Markdown table: grouping purity (ARI, share of phot
 exactly with their person), OOF CV macro F1 and per task, and the gain over the ungrouped OOF for
 
 - ``none``: the run's own OOF;
+- ``each photo alone``: the pooling's factorisation without any grouping (a weak model's argmax
+  over the 18 classes moves by it alone);
 - ``true persons``: pooling over the real persons (the upper bound of any grouping);
 - ``fold``/``dlib_resnet`` hard: the product's grouping (``pstage.inference.persons``), cut chosen
   on this OOF by the grouped CV (``fold`` needs the run's fold models: ``--fold``);
@@ -106,6 +108,10 @@ def main() -> None:
         )
 
     add("none", probs, None)
+    # each photo its own group: only the factorisation (own mask marginal x own gender x age joint),
+    # which moves a weak model's argmax by itself; the grouping's own worth is the gain over this row
+    alone = np.arange(len(oof))
+    add("each photo alone", P.pool(probs, alone, task), alone)
     truth = pd.factorize(pd.Series(people) + "/" + pd.Series(folds).astype(str))[0]
     add("true persons", P.pool(probs, truth, task), truth)
 
