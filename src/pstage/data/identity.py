@@ -258,10 +258,16 @@ def face_model_missing(name: str) -> str | None:
     return None if _weights_file() is not None else f"{_PACKAGES[name]} is not installed"
 
 
-def embeddings_path(paths: Sequence[str], model: str, detector: str, cache_dir: str | Path | None) -> Path:
+def embeddings_path(paths: Sequence[str], model: FaceEmbedder, detector: str, cache_dir: str | Path | None) -> Path:
     """Where the embeddings of ``paths`` by ``model`` (chips from ``detector``'s faces) are cached."""
     root = Path(cache_dir) if cache_dir else default_cache_dir()
-    settings = {"v": EMBEDDINGS_VERSION, "model": model, "detector": detector, "chip": [CHIP, MASK_ROW]}
+    settings = {
+        "v": EMBEDDINGS_VERSION,
+        "model": model.name,
+        "weights": model.weights_id,
+        "detector": detector,
+        "chip": [CHIP, MASK_ROW],
+    }
     return root / f"identity-{files_key(paths, settings)}.npy"
 
 
@@ -279,11 +285,11 @@ def face_embeddings(
 
     Rows already in the cache are read from it; the rest are decoded again (the image cache keeps
     only the training crop), aligned from the cached detections (``detector``'s, run now where
-    none are cached) and embedded, then stored. An unreadable image gets a zero embedding.
+    none are cached) and embedded, then stored. An unreadable image is embedded from a black chip.
     """
     rows = np.arange(len(paths)) if rows is None else np.asarray(rows, dtype=np.int64)
     embedder = get_face_model(model)
-    store = embeddings_path(paths, model, detector, cache_dir)
+    store = embeddings_path(paths, embedder, detector, cache_dir)
     cached = _load(store, (len(paths), embedder.dim))
     todo = np.unique(rows[np.isnan(cached[rows, 0])])
     if len(todo):
