@@ -33,7 +33,9 @@ from pstage.data.faces import locate
 from pstage.inference.persons import cut, group_tree, purity
 
 STATES = {"mask1": 0, "mask2": 0, "mask3": 0, "mask4": 0, "mask5": 0, "incorrect_mask": 1, "normal": 2}
-CUTS = np.round(np.arange(0.02, 1.0, 0.02), 3)
+CUTS = np.round(
+    np.concatenate([np.arange(0.005, 0.1, 0.005), np.arange(0.1, 1.0, 0.02)]), 3
+)  # fine where raw embeddings cut
 
 
 def photos(data: Path, persons: int) -> pd.DataFrame:
@@ -138,6 +140,9 @@ def main() -> None:
         )  # the product centres on its training photos' mean (the mean is stable: cos 0.9996 between chunks)
         result = summary(curves(centred(x, centre), table, args.chunk))
         rows.append({"embedding": name, **result, "ms_per_photo": 1000 * seconds / len(paths)})
+        if mask_row == identity.MASK_ROW:  # raw face embeddings all point one way: centring spreads them
+            raw = summary(curves(x, table, args.chunk))
+            rows.append({"embedding": f"{name}, not centred", **raw, "ms_per_photo": rows[-1]["ms_per_photo"]})
         print(rows[-1], flush=True)  # progress: each variant takes minutes
     frame = pd.DataFrame(rows)
     print(
