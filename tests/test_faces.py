@@ -14,7 +14,7 @@ import pytest
 from pstage.config import DataConfig, load_config, load_run_config
 from pstage.core.errors import ConfigError
 from pstage.data import faces
-from pstage.data.cache import build_cache, decode
+from pstage.data.cache import build_cache, decode, load_detections
 from pstage.data.prepare import resolve_face_crop
 
 
@@ -87,6 +87,15 @@ def test_detections_are_cached_with_the_images(demo_root, tmp_path):
     assert first.faces_found >= len(paths) - 2 and first.faces_found + first.faces_missed == len(paths)
     meta = json.loads(first.path.with_suffix(".json").read_text())
     assert meta["detector"] == "retinaface" and meta["face_hit_rate"] == pytest.approx(first.faces_found / len(paths))
+
+    # stored with RetinaFace's landmarks (the identity embedding aligns faces with them): eyes above
+    # the nose tip, inside the box
+    stored = load_detections(paths, "retinaface", tmp_path)
+    found = stored[~np.isnan(stored[:, 0])]
+    assert stored.shape == (len(paths), 14) and len(found) == first.faces_found
+    (lx, ly), (rx, ry), (nx, ny) = found[:, 4:10].reshape(-1, 3, 2).transpose(1, 2, 0)
+    assert (lx < rx).all() and (np.maximum(ly, ry) < ny).all()
+    assert ((found[:, 0] <= lx) & (rx <= found[:, 2]) & (found[:, 1] <= ly) & (ny <= found[:, 3])).all()
 
     again = build_cache(paths, (32, 24), face_crop=True, face_detector="retinaface", cache_dir=tmp_path)
     assert (again.path, again.decoded, again.detected) == (first.path, 0, 0)

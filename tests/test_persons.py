@@ -11,6 +11,7 @@ import pytest
 from pstage.core.errors import ConfigError
 from pstage.core.metrics import prob_columns
 from pstage.core.tasks import label_task, mask_label, mask_task
+from pstage.data.identity import face_model_missing
 from pstage.inference.persons import choose_threshold, group_photos, pool, purity, resolve_group
 
 TASK = mask_task()
@@ -136,7 +137,11 @@ def test_training_records_the_grouped_cv_and_groups_test_photos_by_person(learne
     # purity is measured and recorded; on this tiny demo model (test_resnet, 64x48) the pooled
     # features are near chance as identity features (ARI ~0), which is why auto must decide on OOF
     assert -1.0 <= persons["purity"]["ari"] <= 1.0 and 0.0 <= persons["purity"]["exact"] <= 1.0, persons
-    assert "persons: OOF CV" in out.stdout
+    # the packaged face model groups when installed (make venv installs it), else the fold features
+    expected = "fold" if face_model_missing("dlib_resnet") else "dlib_resnet"
+    assert persons["embedding"] == expected and f"persons ({expected}): OOF CV" in out.stdout
+    if expected == "dlib_resnet":  # centred on the training photos' mean, which predict reuses
+        assert len(persons["centre"]) == 128 and persons["embedded"] >= 0
     grouped_oof = pd.read_csv(run / "oof_persons.csv")
     assert len(grouped_oof) == len(pd.read_csv(run / "oof.csv")) and "person" in grouped_oof
     # auto applies it exactly when it raised the OOF CV, and then keeps the ungrouped test probabilities

@@ -22,10 +22,19 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from pstage.data.faces import DEFAULT_DETECTOR, Box, center_box, crop_around, get_detector, resolve_detector
+from pstage.data.faces import (
+    DEFAULT_DETECTOR,
+    FACE_COLUMNS,
+    Box,
+    center_box,
+    crop_around,
+    get_detector,
+    locate,
+    resolve_detector,
+)
 
 CACHE_VERSION = 2  # 2: the face detector is part of the key
-FACES_VERSION = 1  # stored detections: bump when a detector's output changes
+FACES_VERSION = 2  # stored detections: bump when a detector's output changes (2: with landmarks)
 
 
 class BadImage(Exception):
@@ -140,10 +149,10 @@ def cache_key(
     settings: dict = {"v": CACHE_VERSION, "size": list(size), "face_crop": face_crop, "center_crop": center_crop}
     if face_crop:
         settings.update(face_margin=face_margin, detector=detector)
-    return _files_key(paths, settings)
+    return files_key(paths, settings)
 
 
-def _files_key(paths: Sequence[str], settings: dict) -> str:
+def files_key(paths: Sequence[str], settings: dict) -> str:
     """Hash of ``settings`` and of each file's path, size and mtime."""
     digest = hashlib.sha1()
     digest.update(json.dumps(settings, sort_keys=True).encode())
@@ -212,9 +221,9 @@ def build_cache(
             meta.get("detector"),
         )
 
-    faces_path = root / f"faces-{_files_key(paths, {'v': FACES_VERSION, 'detector': detector})}.npy"
+    faces_path = detections_path(paths, detector or "", root)
     known = _load_faces(faces_path, len(paths)) if detector else None
-    faces = np.full((len(paths), 4), np.nan, np.float32)
+    faces = np.full((len(paths), FACE_COLUMNS), np.nan, np.float32)
     tmp = root / f"{key}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp.npy"
     images = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), size[0], size[1], 3))
     bad: dict[str, str] = {}
@@ -228,11 +237,12 @@ def build_cache(
             return False, False
         face, ran = None, False
         if detector and known is not None:
-            face = None if np.isnan(known[index, 0]) else tuple(float(v) for v in known[index])
+            face = None if np.isnan(known[index, 0]) else tuple(float(v) for v in known[index, :4])
         elif detector:
-            face, ran = get_detector(detector).detect(image), True
-            if face is not None:
-                faces[index] = face
+            row, ran = locate(detector, image), True
+            if row is not None:
+                faces[index] = row
+                face = tuple(float(v) for v in row[:4])
         images[index] = crop_resize(image, size, face, face_margin, center_crop)
         return face is not None, ran
 
@@ -270,13 +280,25 @@ def build_cache(
     return info
 
 
+def detections_path(paths: Sequence[str], detector: str, cache_dir: str | Path | None = None) -> Path:
+    """Where ``detector``'s detections of ``paths`` are stored (beside the caches built from them)."""
+    root = Path(cache_dir) if cache_dir else default_cache_dir()
+    return root / f"faces-{files_key(paths, {'v': FACES_VERSION, 'detector': detector})}.npy"
+
+
+def load_detections(paths: Sequence[str], detector: str, cache_dir: str | Path | None = None) -> np.ndarray | None:
+    """``detector``'s stored detections of ``paths`` (N, FACE_COLUMNS; NaN rows: no face), or None when
+    no cache build with that detector stored them."""
+    return _load_faces(detections_path(paths, detector, cache_dir), len(paths))
+
+
 def _load_faces(path: Path, count: int) -> np.ndarray | None:
-    """Cached detections (N, 4) x0, y0, x1, y1 (NaN: no face), or None when absent or unreadable."""
+    """Cached detections (N, FACE_COLUMNS): box, landmarks (NaN: none), or None when absent or unreadable."""
     try:
         faces = np.load(path)
     except (OSError, ValueError):
         return None
-    return faces if faces.shape == (count, 4) else None
+    return faces if faces.shape == (count, FACE_COLUMNS) else None
 
 
 def _save(path: Path, array: np.ndarray) -> None:

@@ -109,24 +109,35 @@ class RetinaFaceDetector:
 
     def detect_all(self, image: np.ndarray) -> np.ndarray:
         """Every face above the score threshold as an (M, 5) array x0, y0, x1, y1, score, best first."""
+        return self.detect_landmarks(image)[:, :5]
+
+    def detect_landmarks(self, image: np.ndarray) -> np.ndarray:
+        """Every face above the score threshold as an (M, 15) array, best first.
+
+        Columns: x0, y0, x1, y1, score, then the 5 landmarks' x, y (right eye, left eye, nose tip,
+        right and left mouth corner, as the person sees them: the first eye is on the image's left).
+        """
         height, width = image.shape[:2]
         w, h = self.SIZE if height >= width else self.SIZE[::-1]
         small = cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA)[..., ::-1]  # RGB -> BGR
         x = np.ascontiguousarray((small.astype(np.float32) - self._MEAN_BGR).transpose(2, 0, 1)[None])
-        loc, conf, _landmarks = self._session.run(None, {self._input: x})
+        loc, conf, landmarks = self._session.run(None, {self._input: x})
         scores = conf[0, :, 1]
         keep = scores > self.SCORE
         if not keep.any():
-            return np.zeros((0, 5), np.float32)
+            return np.zeros((0, 15), np.float32)
         anchors, deltas, scores = self._anchors(w, h)[keep], loc[0][keep], scores[keep]
         centre = anchors[:, :2] + deltas[:, :2] * self._VARIANCE[0] * anchors[:, 2:]
         size = anchors[:, 2:] * np.exp(deltas[:, 2:] * self._VARIANCE[1])
         boxes = np.concatenate([centre - size / 2, centre + size / 2], 1)
+        points = anchors[:, None, :2] + landmarks[0][keep].reshape(-1, 5, 2) * self._VARIANCE[0] * anchors[:, None, 2:]
         chosen = nms(boxes, scores, self.NMS_IOU)
-        boxes = boxes[chosen] * np.array([width / w, height / h] * 2, dtype=np.float32)
+        scale = np.array([width / w, height / h], dtype=np.float32)
+        boxes = boxes[chosen] * np.tile(scale, 2)
         boxes[:, 0::2] = boxes[:, 0::2].clip(0, width)
         boxes[:, 1::2] = boxes[:, 1::2].clip(0, height)
-        return np.concatenate([boxes, scores[chosen, None]], 1)
+        points = (points[chosen] * scale).reshape(-1, 10)
+        return np.concatenate([boxes, scores[chosen, None], points], 1).astype(np.float32)
 
     def detect(self, image: np.ndarray) -> Box | None:
         faces = self.detect_all(image)
@@ -188,6 +199,30 @@ def resolve_detector(name: str) -> str:
         f"(it misses about half the mask-worn faces): {RETINAFACE_INSTALL}"
     )
     return FALLBACK_DETECTOR
+
+
+FACE_COLUMNS = 14  # a stored detection: x0, y0, x1, y1, then 5 landmarks' x, y (NaN when the detector has none)
+
+
+def locate(detector: str, image: np.ndarray) -> np.ndarray | None:
+    """The main face ``detector`` finds as a detection row (``FACE_COLUMNS`` floats), or None.
+
+    RetinaFace also gives its 5 landmarks (eyes, nose tip, mouth corners; the identity embedding
+    aligns faces with them); Haar gives a box only.
+    """
+    found = get_detector(detector)
+    row = np.full(FACE_COLUMNS, np.nan, np.float32)
+    if isinstance(found, RetinaFaceDetector):
+        faces = found.detect_landmarks(image)
+        if not len(faces):
+            return None
+        row[:4], row[4:] = faces[0, :4], faces[0, 5:]
+        return row
+    box = found.detect(image)
+    if box is None:
+        return None
+    row[:4] = box
+    return row
 
 
 def center_box(height: int, width: int, aspect: float, fraction: float = 1.0) -> tuple[int, int, int, int]:

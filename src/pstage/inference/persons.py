@@ -1,14 +1,19 @@
 """Person-consistent predictions (mask task): group test photos by identity, pool gender and age.
 
 A person's 7 photos (5 mask, 1 incorrect, 1 normal) share one gender and one age, but test photos
-arrive unlabelled and shuffled. So: embed every image with the trained fold models (the pooled
-backbone features, L2-normalised; several folds are concatenated, so a distance is the mean of the
-folds' cosine distances), cluster them (average-linkage agglomerative clustering on cosine
+arrive unlabelled and shuffled. So: embed every image (``persons.embedding``: a face-recognition
+network that sees the eyes and nose only, ``pstage.data.identity``, centred on the training photos'
+mean; or the trained fold models' pooled backbone features, L2-normalised, several folds
+concatenated so a distance is the mean of the folds' cosine distances), cluster them (average-linkage agglomerative clustering on cosine
 distance, cut at a distance threshold; two photos both predicted ``normal`` or both
 ``incorrect`` may not share a group, since a person has one of each), then within a group average
 the log-probabilities of the joint gender x age distribution; each photo keeps its own mask
 probabilities. The threshold is chosen on the run's OOF predictions, where persons are known
-(each fold's validation images, embedded by that fold's own model), by the grouped CV macro F1.
+(each fold's validation images; with fold features, embedded by that fold's own model), by the
+grouped CV macro F1.
+
+On facemask (real faces, drawn masks; groups of 300 persons) the face network groups photos at
+ARI 0.99 where the fold models' features reach 0.14 (benchmarks/identity.py).
 """
 
 from __future__ import annotations
@@ -26,12 +31,15 @@ from scipy.spatial.distance import pdist
 from sklearn.metrics import adjusted_rand_score
 
 from pstage.config import Config, batch_of
+from pstage.core.console import console
 from pstage.core.devices import inference_device, resolve_precision
 from pstage.core.errors import ConfigError
 from pstage.core.io import write_csv
 from pstage.core.metrics import cv_scores, fold_macro_f1, prob_columns
 from pstage.core.tasks import Task
 from pstage.data.datasets import inference_batches
+from pstage.data.faces import DEFAULT_DETECTOR, FALLBACK_DETECTOR, unavailable
+from pstage.data.identity import FACE_MODELS_INSTALL, face_embeddings, face_model_missing
 from pstage.models.checkpoint import load_fold_module
 from pstage.models.module import ClassifierModule
 from pstage.runs.info import RunInfo
@@ -39,7 +47,10 @@ from pstage.runs.rundir import fold_id, submission_frame
 
 # Candidate cosine-distance cuts searched on OOF (average linkage: the mean distance between two groups).
 THRESHOLDS = tuple(round(t, 3) for t in np.arange(0.02, 0.62, 0.02))
+# Face embeddings, centred, spread further apart: their best cuts on facemask lie at 0.4-0.5.
+FACE_THRESHOLDS = tuple(round(t, 3) for t in np.arange(0.1, 0.9, 0.02))
 FORBIDDEN = 1e3  # distance of a cannot-link pair: larger than any average it can take part in matters
+FACE_MODEL = "dlib_resnet"
 
 
 def supports(task: Task) -> bool:
@@ -58,6 +69,51 @@ def resolve_group(setting: str, task: Task) -> bool:
             )
         return False
     return True
+
+
+def resolve_embedding(setting: str) -> str:
+    """``fold`` or a face model's name: ``auto`` is the face model when its package is installed.
+
+    Says in one line when ``auto`` falls back to the fold features; an explicit face model that
+    cannot run is an error naming the package to install.
+    """
+    if setting == "fold":
+        return "fold"
+    name = FACE_MODEL if setting == "auto" else setting
+    missing = face_model_missing(name)
+    if missing is None:
+        return name
+    if setting != "auto":
+        raise ConfigError(
+            f"persons.embedding={setting}: {missing} ({FACE_MODELS_INSTALL}); or set persons.embedding=fold"
+        )
+    console.print(
+        f"  [yellow]persons: {missing}; grouping by the fold models' features[/] "
+        f"(identity grouping ARI 0.14 vs 0.99 on facemask): {FACE_MODELS_INSTALL}"
+    )
+    return "fold"
+
+
+def face_features(
+    paths: Sequence[str],
+    rows: np.ndarray | None,
+    config: Config,
+    model: str,
+    centre: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Face-model embeddings of ``paths[rows]``, centred on ``centre`` (default: their own mean) and
+    L2-normalised; also the centre and how many were computed now (the rest came from the cache).
+
+    Raw face embeddings all point one way (cosine 0.9996 between two sets' means), which crowds their
+    cosine distances: on facemask their best cuts sit near 0.03, centred near 0.3, where the cut
+    grid (FACE_THRESHOLDS) resolves them; the ARI is the same (0.994, benchmarks/identity.py).
+    """
+    detector = DEFAULT_DETECTOR if unavailable(DEFAULT_DETECTOR) is None else FALLBACK_DETECTOR
+    raw, computed = face_embeddings(paths, rows, model=model, detector=detector, cache_dir=config.data.cache_dir)
+    centre = raw.mean(0) if centre is None else np.asarray(centre, np.float32)
+    shifted = raw - centre
+    norms = np.linalg.norm(shifted, axis=1, keepdims=True)
+    return shifted / np.where(norms > 0, norms, 1.0), centre, computed
 
 
 def embed(
@@ -285,6 +341,61 @@ def group_run(
     by_fold = {fold_id(c): c for c in checkpoints}
     oof = pd.read_csv(run_dir / "oof.csv", dtype={"image_id": str})
     table = train.set_index("image_id")
+    embedding = resolve_embedding(config.persons.embedding)
+    centre: np.ndarray | None = None
+    computed = 0
+    if embedding == "fold":
+        embeddings = _fold_oof_embeddings(oof, table, by_fold, train_cache, config)
+    else:
+        positions = pd.Series(np.arange(len(train)), index=train["image_id"])
+        rows = positions.loc[oof["image_id"]].to_numpy()
+        embeddings, centre, computed = face_features(train["path"].tolist(), rows, config, embedding)
+    persons = table.loc[oof["image_id"], "group"].astype(str).to_numpy()
+    thresholds = THRESHOLDS if embedding == "fold" else FACE_THRESHOLDS
+    choice = choose_threshold(oof, embeddings, persons, task, config.persons.threshold, thresholds)
+    cols = prob_columns(task.num_classes)
+    grouped_oof = oof[["image_id", "fold", "target"]].assign(person=choice.groups)
+    outputs = {"oof_persons.csv": pd.concat([grouped_oof, pd.DataFrame(choice.probs, columns=cols)], axis=1)}
+    applied = config.persons.group == "on" or choice.gain > 0
+    record: dict[str, Any] = {
+        "group": config.persons.group,
+        "embedding": embedding,
+        "applied": applied,
+        "threshold": choice.threshold,
+        "threshold_chosen_on_oof": config.persons.threshold is None,
+        "cv_before": _summary(choice.cv_before),
+        "cv_after": _summary(choice.cv_after),
+        "purity": choice.purity,
+    }
+    if centre is not None:
+        record["centre"] = [round(float(v), 6) for v in centre]  # pstage predict centres test photos on it too
+    if applied and test is not None and test_cache is not None and (run_dir / "test.csv").exists():
+        raw = pd.read_csv(run_dir / "test.csv", dtype={"image_id": str})
+        probs = raw[cols].to_numpy()
+        if embedding == "fold":
+            features = fold_embeddings(list(by_fold.values()), test_cache, config, count=len(raw))
+        else:
+            features, _, done = face_features(test["path"].tolist(), None, config, embedding, centre)
+            computed += done
+        groups = group_photos(features, probs, task, choice.threshold)
+        pooled = pool(probs, groups, task)
+        outputs["test_raw.csv"] = raw
+        outputs["persons.csv"] = pd.DataFrame({"image_id": raw["image_id"], "person": groups})
+        outputs["test.csv"] = pd.concat([raw[["image_id"]], pd.DataFrame(pooled, columns=cols)], axis=1)
+        outputs["submission.csv"] = submission_frame(test, pooled, task, test_format)
+        record["test_groups"] = int(groups.max() + 1) if len(groups) else 0
+    if embedding != "fold":
+        record["embedded"] = computed  # photos the face model embedded in this call (0: all from the cache)
+    # written only once everything is computed: a failure above leaves the run's files as they were
+    for name, frame in outputs.items():
+        write_csv(run_dir / name, frame, float_format="%.6g" if name in ("test_raw.csv", "test.csv") else None)
+    return record
+
+
+def _fold_oof_embeddings(
+    oof: pd.DataFrame, table: pd.DataFrame, by_fold: dict[int, Path], train_cache: str | Path, config: Config
+) -> np.ndarray:
+    """Each OOF row's features from its own fold's model (in oof row order)."""
     precision = resolve_precision(config.train.precision, config.train.accelerator)
     device = inference_device(config.train.accelerator)
     embeddings = None
@@ -300,36 +411,8 @@ def group_run(
         )
         embeddings = np.zeros((len(oof), part.shape[1]), np.float32) if embeddings is None else embeddings
         embeddings[rows] = part
-    persons = table.loc[oof["image_id"], "group"].astype(str).to_numpy()
-    choice = choose_threshold(oof, embeddings, persons, task, config.persons.threshold)
-    cols = prob_columns(task.num_classes)
-    grouped_oof = oof[["image_id", "fold", "target"]].assign(person=choice.groups)
-    outputs = {"oof_persons.csv": pd.concat([grouped_oof, pd.DataFrame(choice.probs, columns=cols)], axis=1)}
-    applied = config.persons.group == "on" or choice.gain > 0
-    record: dict[str, Any] = {
-        "group": config.persons.group,
-        "applied": applied,
-        "threshold": choice.threshold,
-        "threshold_chosen_on_oof": config.persons.threshold is None,
-        "cv_before": _summary(choice.cv_before),
-        "cv_after": _summary(choice.cv_after),
-        "purity": choice.purity,
-    }
-    if applied and test is not None and test_cache is not None and (run_dir / "test.csv").exists():
-        raw = pd.read_csv(run_dir / "test.csv", dtype={"image_id": str})
-        probs = raw[cols].to_numpy()
-        features = fold_embeddings(list(by_fold.values()), test_cache, config, count=len(raw))
-        groups = group_photos(features, probs, task, choice.threshold)
-        pooled = pool(probs, groups, task)
-        outputs["test_raw.csv"] = raw
-        outputs["persons.csv"] = pd.DataFrame({"image_id": raw["image_id"], "person": groups})
-        outputs["test.csv"] = pd.concat([raw[["image_id"]], pd.DataFrame(pooled, columns=cols)], axis=1)
-        outputs["submission.csv"] = submission_frame(test, pooled, task, test_format)
-        record["test_groups"] = int(groups.max() + 1) if len(groups) else 0
-    # written only once everything is computed: a failure above leaves the run's files as they were
-    for name, frame in outputs.items():
-        write_csv(run_dir / name, frame, float_format="%.6g" if name in ("test_raw.csv", "test.csv") else None)
-    return record
+    assert embeddings is not None, "group_run is called with at least one finished fold"
+    return embeddings
 
 
 def _summary(cv: dict[str, Any]) -> dict[str, Any]:
@@ -343,12 +426,23 @@ def group_test(
     config: Config,
     probs: np.ndarray,
     task: Task,
+    paths: Sequence[str] | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """``pstage predict``: test probabilities grouped as training decided (run.json ``persons``), and the groups."""
+    """``pstage predict``: test probabilities grouped as training decided (run.json ``persons``), and the groups.
+
+    ``paths``: the photos' files, in ``probs`` order (a face-model embedding reads them again).
+    """
     decided = info.get("persons") or {}
     if not decided.get("applied") or not supports(task) or len(probs) < 2:
         return probs, None
-    features = fold_embeddings(checkpoints, cache, config, count=len(probs))
+    embedding = decided.get("embedding", "fold")  # runs from before persons.embedding grouped by fold features
+    if embedding == "fold":
+        features = fold_embeddings(checkpoints, cache, config, count=len(probs))
+    else:
+        if paths is None:
+            raise ValueError("group_test needs the photos' paths for a face-model embedding")
+        resolve_embedding(embedding)  # an error naming the package when it is missing here
+        features, _, _ = face_features(paths, None, config, embedding, np.asarray(decided["centre"], np.float32))
     groups = group_photos(features, probs, task, float(decided["threshold"]))
     return pool(probs, groups, task), groups
 
@@ -363,6 +457,6 @@ def describe_grouping(record: dict[str, Any]) -> str:
     )
     verdict = "applied to test" if record["applied"] else "not applied (no OOF gain)"
     return (
-        f"persons: OOF CV {before['macro_f1']:.4f} -> {after['macro_f1']:.4f} grouped ({tasks}; "
+        f"persons ({record.get('embedding', 'fold')}): OOF CV {before['macro_f1']:.4f} -> {after['macro_f1']:.4f} grouped ({tasks}; "
         f"cut {record['threshold']:g}, ARI {record['purity']['ari']:.3f}, {record['purity']['exact']:.0%} photos in exactly their person's group): {verdict}"
     )

@@ -211,7 +211,8 @@ def predict(
         )
     with_tta = tta or config.tta.train  # a run trained with tta.train predicted with its views: so does a re-run
     probs = with_final_fit(run_dir, config, ensemble_probs(checkpoints, cache, config, tta=with_tta), cache, with_tta)
-    probs, _ = group_test(info, checkpoints, cache.path, config, probs, task)  # as training decided (persons.*)
+    # as training decided (persons.*)
+    probs, _ = group_test(info, checkpoints, cache.path, config, probs, task, images["path"].tolist())
     if kind == "submission":
         frame = submission_frame(images, probs, task, test_format)
         default = run_dir / ("submission_tta.csv" if tta else "submission.csv")
@@ -259,7 +260,9 @@ def _predict_with_tta(
             tta=config.tta,
         )
     probs = with_final_fit(run_dir, config, ensemble_probs(checkpoints, test_cache, config, tta=True), test_cache, True)
-    probs, _ = group_test(RunDir(run_dir).read_info(), checkpoints, test_cache.path, config, probs, task)
+    probs, _ = group_test(
+        RunDir(run_dir).read_info(), checkpoints, test_cache.path, config, probs, task, source.test["path"].tolist()
+    )
     test = pd.concat(
         [pd.DataFrame({"image_id": source.test["image_id"].to_numpy()}), pd.DataFrame(probs, columns=cols)], axis=1
     )

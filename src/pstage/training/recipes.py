@@ -27,6 +27,7 @@ from pstage.config import Config
 from pstage.core.errors import ConfigError, DataError, RunError
 from pstage.core.metrics import prob_columns
 from pstage.data.sources import Source
+from pstage.inference.persons import resolve_embedding, supports
 from pstage.runs.rundir import RunDir
 
 NEEDS_AGES = "the competition layout's train.csv age column"
@@ -74,6 +75,8 @@ def check_recipes(cfg: Config, source: Source) -> None:
         raise ConfigError(
             f"train.final_fit={cfg.train.final_fit}: this data has no test images for the final model to predict; set train.final_fit=off"
         )
+    if cfg.persons.group != "off" and supports(source.task) and cfg.persons.embedding not in ("auto", "fold"):
+        resolve_embedding(cfg.persons.embedding)  # a face model that cannot run here: refused before training
 
 
 def resolve_teacher(cfg: Config, runs: str | Path) -> None:
