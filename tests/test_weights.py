@@ -81,6 +81,7 @@ def test_partial_file_is_reported_and_a_foreign_one_refused(tmp_path, capsys):
 
 
 def test_auto_offline_falls_back_to_scratch_in_one_line_and_true_fails(capsys):
+    resolve_weights.cache_clear()  # decided once per process: another in-process training may have asked first
     started = time.perf_counter()
     plan = resolve_weights("test_efficientnet", "auto", None)  # conftest sets HF_HUB_OFFLINE=1
     assert plan.source == "scratch" and time.perf_counter() - started < 2

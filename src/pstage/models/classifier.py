@@ -254,7 +254,7 @@ def _output_shape(backbone: nn.Module, name: str, input_size: tuple[int, int]) -
     except (RuntimeError, AssertionError, ValueError) as exc:  # timm's shape checks assert; torch's ops raise
         raise ConfigError(
             f"model.name={name} cannot take data.image_size={list(input_size)} ({str(exc).splitlines()[0]}): "
-            "choose a size it accepts (usually larger, or a multiple of its patch size)"
+            "use a larger image size (for a transformer, a multiple of its patch size)"
         ) from None
     backbone.train(was_training)
     return shape

@@ -18,7 +18,7 @@ import pandas as pd
 from rich.markup import escape
 from rich.table import Table
 
-from pstage.core.errors import ConfigError
+from pstage.core.errors import ConfigError, PstageError
 from pstage.core.io import sha256_file, write_text
 from pstage.core.shakeup import DRAWS
 from pstage.runs.info import parse_run_info
@@ -196,7 +196,7 @@ def load_board(
     summary = None
     if shakeup and len(frame):
         pull_into = Path(folders[0]) if folders else Path("runs")
-        summary = _add_shakeup(frame, listed, lb_persons, top, store, pull_into)
+        summary = _add_shakeup(frame, listed, lb_persons, top, store, pull_into, skipped)
     submissions = _submissions(frame, listed)
     column, descending = SORTS[sort.lstrip("-")]
     if sort.startswith("-"):
@@ -220,10 +220,20 @@ def _submissions(frame: pd.DataFrame, listed: list[_Listed]) -> pd.DataFrame:
 
 
 def _add_shakeup(
-    frame: pd.DataFrame, listed: list[_Listed], lb_persons: int | None, top: int, store: str | None, pull_into: Path
-) -> dict[str, Any]:
+    frame: pd.DataFrame,
+    listed: list[_Listed],
+    lb_persons: int | None,
+    top: int,
+    store: str | None,
+    pull_into: Path,
+    skipped: list[tuple[str, str]],
+) -> dict[str, Any] | None:
     """Fill cv_low/cv_high of every run whose tables are here (or whose record has them), and
-    p_beats_best of the ``top`` runs after the best by CV (pulling published ones' tables)."""
+    p_beats_best of the ``top`` runs after the best by CV (pulling published ones' tables).
+
+    A published run whose tables cannot be pulled (the store refuses or fails) keeps its row without
+    these columns and is named in ``skipped`` with the reason; without the best run's tables there is
+    no shake-up (None)."""
     for i, entry in enumerate(listed):
         if pd.isna(frame.at[i, "cv_low"]) and entry.run is not None:
             found = run_interval(entry.run)
@@ -231,7 +241,9 @@ def _add_shakeup(
                 frame.at[i, "cv_low"], frame.at[i, "cv_high"] = found.low, found.high
     order = frame["cv"].to_numpy().argsort(kind="stable")[::-1]
     best_i = int(order[0])
-    best = _local(listed[best_i], store, pull_into)
+    best = _local(listed[best_i], store, pull_into, skipped)
+    if best is None:
+        return None
     size = (lb_persons, "persons (--lb-persons)") if lb_persons else None
     size = size or leaderboard_size(best.info, test_images(best))
     if size is None:  # no test set: a leaderboard as large as the best run's OOF
@@ -239,7 +251,9 @@ def _add_shakeup(
         size = (len(np.unique(oof.persons)) if oof is not None else 1, "persons (no test set: the OOF's)")
     frame.at[best_i, "p_beats_best"] = float("nan")
     for i in map(int, order[1 : top + 1]):
-        run = _local(listed[i], store, pull_into)
+        run = _local(listed[i], store, pull_into, skipped)
+        if run is None:
+            continue
         if pd.isna(frame.at[i, "cv_low"]):
             found = run_interval(run)
             if found is not None:
@@ -249,12 +263,17 @@ def _add_shakeup(
     return {"best": frame.at[best_i, "name"], "leaderboard": size[0], "unit": size[1], "draws": DRAWS, "top": shown}
 
 
-def _local(entry: _Listed, store: str | None, pull_into: Path) -> RunDir:
-    """The run's folder: its own, or (a published run) its tables pulled into ``pull_into/<user>/<name>``."""
+def _local(entry: _Listed, store: str | None, pull_into: Path, skipped: list[tuple[str, str]]) -> RunDir | None:
+    """The run's folder: its own, or (a published run) its tables pulled into ``pull_into/<user>/<name>``;
+    None, with the reason added to ``skipped``, when the store will not give them."""
     if entry.run is not None:
         return entry.run
     assert store is not None and entry.qualified is not None  # store rows exist only with a store
-    path, _ = pull(entry.qualified, store, pull_into)
+    try:
+        path, _ = pull(entry.qualified, store, pull_into)
+    except PstageError as exc:
+        skipped.append((entry.qualified, f"no shake-up: {exc}"))
+        return None
     entry.run = RunDir(path)
     return entry.run
 

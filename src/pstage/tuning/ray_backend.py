@@ -252,10 +252,16 @@ def _fit(
 
 
 def _cause(error: BaseException | None) -> BaseException | None:
-    """The trial's own exception inside Ray's wrappers (RayTaskError, TuneError)."""
+    """The trial's own exception inside Ray's wrappers (RayTaskError, TuneError).
+
+    Ray may wrap a PstageError in a class derived from both RayTaskError and the error's own class,
+    whose message is the worker's whole traceback: its ``cause`` is the exception as raised."""
     seen = 0
-    while error is not None and not isinstance(error, PstageError) and seen < 5:
-        error = getattr(error, "cause", None) or error.__cause__
+    while error is not None and seen < 5:
+        inner = getattr(error, "cause", None) or error.__cause__
+        if isinstance(error, PstageError) and not isinstance(inner, PstageError):
+            return error
+        error = inner
         seen += 1
     return error
 
@@ -267,11 +273,17 @@ def _check_failures(study: optuna.Study, grid: Any, name: str, runs: Path, worke
             continue
         run = (result.config or {}).get(RUN_KEY, "?")
         cause = _cause(result.error)
-        if isinstance(cause, PstageError):
+        if isinstance(cause, PstageError) and not isinstance(cause, ConfigError):  # data, runs: the user's input
             raise type(cause)(f"trial {run.rsplit('-', 1)[-1].lstrip('0') or '0'} ({run}): {cause}") from None
         error = cause if cause is not None else result.error
-        message = f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
-        console.print(f"[red]trial {run} failed[/]: {escape(message)} (run {runs / run}); going on")
+        # a ConfigError: the sampled values cannot run here (a precision, a model at this size): this trial fails
+        message = (
+            str(error)
+            if isinstance(error, ConfigError)
+            else f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
+        )
+        where = f" (run {runs / run})" if (runs / run).exists() else ""
+        console.print(f"[red]trial {run} failed[/]: {escape(message)}{where}; going on")
     mine = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("worker") == worker]
     streak = 0
     for trial in sorted(mine, key=lambda t: t.number):

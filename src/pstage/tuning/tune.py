@@ -26,6 +26,7 @@ from typing import Any
 
 import optuna
 from optuna.trial import TrialState
+from rich.markup import escape
 
 from pstage.config import Config, load_config
 from pstage.core.console import console, quiet_lightning
@@ -265,18 +266,14 @@ class Objective:
             raise
         except SystemExit as exc:  # Lightning turns Ctrl-C during fit into sys.exit(1)
             raise KeyboardInterrupt from exc
-        except PstageError as exc:  # the user's input: stop the search with the message
+        except ConfigError as exc:  # the sampled values cannot run here (a precision, a model at this size)
+            raise self._failed(trial, name, run_dir, str(exc)) from None
+        except PstageError as exc:  # the user's input (data, runs): stop the search with the message
             raise type(exc)(f"trial {trial.number} ({name}): {exc}") from None
         except Exception as exc:
-            self.fail_streak += 1
-            message = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
-            trial.set_user_attr("error", message)
-            if self.fail_streak >= FAIL_STREAK:
-                raise RunError(
-                    f"{FAIL_STREAK} trials in a row failed, the last ({name}) with {message}; fix the setup, then run the same command to continue"
-                ) from None
-            console.print(f"[red]trial {trial.number} failed[/]: {message} (run {run_dir}); going on")
-            raise _TrialFailed(message) from exc
+            raise self._failed(
+                trial, name, run_dir, f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+            ) from exc
         assert result is not None
         self.fail_streak = 0
         mark_trial(result.path, self.study, trial.number)
@@ -287,3 +284,15 @@ class Objective:
         )
         trial.set_user_attr("duration_s", round(result.duration_s, 1))
         return value
+
+    def _failed(self, trial: optuna.Trial, name: str, run_dir: Path, message: str) -> Exception:
+        """A trial that could not train: FAIL it and go on, unless FAIL_STREAK trials in a row failed."""
+        self.fail_streak += 1
+        trial.set_user_attr("error", message)
+        if self.fail_streak >= FAIL_STREAK:
+            return RunError(
+                f"{FAIL_STREAK} trials in a row failed, the last ({name}) with {message}; fix the setup, then run the same command to continue"
+            )
+        where = f" (run {run_dir})" if run_dir.exists() else ""
+        console.print(f"[red]trial {trial.number} failed[/]: {escape(message)}{where}; going on")
+        return _TrialFailed(message)
