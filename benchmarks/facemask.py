@@ -1,12 +1,12 @@
 """Defaults on real faces: train named settings on a facemask build and score them on its eval truth.
 
-The development set of real face photos with drawn masks (``shared/data/facemask``: build it
+The development set of real face photos with drawn masks (``../shared/data/facemask``: build it
 under /tmp, never in the project) has eval answers the tool never sees, so each setting gets
 an honest "private leaderboard" score next to its CV. Prints a Markdown table: CV macro F1, eval
 macro F1, eval per task (mask / gender / age macro F1), gender accuracy, and wall time of the
 whole ``pstage train`` command (cache included: clear ``--cache`` between settings to count it).
 
-    python shared/data/facemask/build.py /tmp/facemask                       # 2,000 + 600 persons
+    python ../shared/data/facemask/build.py /tmp/facemask                       # 2,000 + 600 persons
     python benchmarks/facemask.py --data /tmp/facemask --persons 1500 --only default-15m --cold
     python benchmarks/facemask.py --data /tmp/facemask --list                 # the settings
 
@@ -30,13 +30,46 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import f1_score
 
-# name -> overrides on top of the defaults (each a `pstage train` KEY=VALUE)
+_96 = ["data.image_size=[96,96]", "train.min_epochs=6", "tta.train=false"]  # a 96x96 model, 6-epoch floor
+_BASIC = ["augment.preset=basic", "loss.label_smoothing=0"]
+_FOLD0 = ["train.folds=[0]"]
+_R10T = ["model.name=resnet10t", "model.pretrained=false", "data.image_size=[64,48]"]  # small, from scratch
+
+# name -> overrides on top of the defaults (each a `pstage train` KEY=VALUE); benchmarks/RESULTS.md
+# names the setting behind each of its facemask rows, with the --persons it ran on
 SETTINGS: dict[str, list[str]] = {
     "default-15m": ["train.time=15m"],
     "default-4m": ["train.time=4m"],
-    # gpu_check.sh facemask: the build (48 s on 2 cores here) and 6m (+10%) fit one 600 s device call
+    # gpu_check.sh facemask: the build and 6m (+10%) fit one 600 s device call
     "default-6m": ["train.time=6m"],
     "defaults": [],
+    # under a budget (--persons 1500 for 15m, 300 for 4m)
+    "15m-no-tta": ["train.time=15m", "tta.train=false"],
+    "15m-batched": ["train.time=15m", "augment.device=true"],
+    "15m-96": ["train.time=15m", *_96],
+    "15m-96-min2": ["train.time=15m", *_96, "train.min_epochs=2"],
+    "15m-96-basic": ["train.time=15m", *_96, *_BASIC],
+    "15m-96-basic-min1": ["train.time=15m", *_96, *_BASIC, "train.min_epochs=1"],
+    "4m-96": ["train.time=4m", *_96],
+    "4m-96-basic": ["train.time=4m", *_96, *_BASIC],
+    # fold 0 at equal epochs (--persons 600)
+    "f0-8ep": [*_FOLD0, "train.epochs=8"],
+    "f0-8ep-224": [*_FOLD0, "train.epochs=8", "data.image_size=[224,224]"],
+    "f0-8ep-margin0.3": [*_FOLD0, "train.epochs=8", "data.face_margin=0.3"],
+    "f0-8ep-margin1.0": [*_FOLD0, "train.epochs=8", "data.face_margin=1.0"],
+    "f0-8ep-multi": [*_FOLD0, "train.epochs=8", "model.head=multi"],
+    "f0-8ep-cutmix": [*_FOLD0, "train.epochs=8", "augment.cutmix.p=0.5"],
+    "f0-15ep": [*_FOLD0, "train.epochs=15"],
+    # the face crop, on a small model from scratch (--persons 600)
+    "f0-crop-none": [*_FOLD0, "train.epochs=3", *_R10T, "data.face_crop=false"],
+    "f0-crop-haar": [*_FOLD0, "train.epochs=3", *_R10T, "data.face_crop=true", "data.face_detector=haar"],
+    "f0-crop-retinaface": [*_FOLD0, "train.epochs=3", *_R10T, "data.face_crop=true", "data.face_detector=retinaface"],
+    # pretrained vs from scratch (--persons 250)
+    "f0-lite0-96": [*_FOLD0, "train.epochs=4", "data.image_size=[96,96]"],
+    "f0-r10t-scratch": [*_FOLD0, "train.epochs=4", *_R10T],
+    # person grouping on a small, weak run (a build with --train 300 --eval 100)
+    "small-2x3": ["split.folds=2", "train.epochs=3"],
+    "small-2x3-ungrouped": ["split.folds=2", "train.epochs=3", "persons.group=off"],
 }
 
 

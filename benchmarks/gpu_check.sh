@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# One prepared GPU check (issues #12 GPU target and profile, #13 throughput): run it on a lent GPU machine.
+# One prepared GPU check (the CUDA paths and the throughput table; or the defaults on real faces): run it on a lent GPU machine.
 #
 # Here (once, in the repo root): fetch the cp312 wheels the GPU image lacks and the facemask
 # source (the 2,000 faces the build below uses, and its builder; never committed), all git-ignored:
 #   bash benchmarks/gpu_check.sh --fetch
 # There (the device tool; carry is at most 64 MiB, so each mode carries only what it needs):
-#   bash benchmarks/gpu_check.sh             # #13, carry [".whl", ".whl-tune"] (~13 MiB): CUDA tests,
+#   bash benchmarks/gpu_check.sh             # carry [".whl", ".whl-tune"] (~13 MiB): CUDA tests,
 #                                            #   train.compile on/off, the throughput table last
-#   bash benchmarks/gpu_check.sh facemask    # #12, carry [".whl", ".whl-faces", ".facemask"] (~63 MiB):
+#   bash benchmarks/gpu_check.sh facemask    # carry [".whl", ".whl-faces", ".facemask"] (~63 MiB):
 #                                            #   build 1,500 + 500 real-face persons, `pstage train
 #                                            #   train.time=6m` (the defaults), eval macro F1 last
 set -euo pipefail

@@ -1,6 +1,6 @@
 """Identity grouping on real faces: how well each embedding puts a person's photos together.
 
-Embeds the first ``--persons`` training persons of a facemask build (``shared/data/facemask``;
+Embeds the first ``--persons`` training persons of a facemask build (``../shared/data/facemask``;
 each person: 5 masked photos, 1 worn wrong, 1 without) and clusters them in groups of ``--chunk``
 persons, as the product does (one fold's OOF rows; a test set): average linkage on cosine
 distance with the mask-state cannot-links (``pstage.inference.persons``; true mask states here,
@@ -8,12 +8,12 @@ the models predict them at .999). Prints a Markdown table: ARI, share of photos 
 with their person, groups per ``--chunk`` persons, at the cut chosen on the other chunks (the
 product chooses it on OOF), and at each chunk's best cut; and the embedding speed.
 
-    python shared/data/facemask/build.py /tmp/facemask
+    python ../shared/data/facemask/build.py /tmp/facemask
     python benchmarks/identity.py --data /tmp/facemask --persons 600
 
 Rows: the product's embedding (``dlib_resnet``: eyes+nose alignment, chip grey below row
 ``MASK_ROW``) and variants of its chip. The fold models' features (``persons.embedding=fold``)
-need a trained run: ``--run runs/NAME`` adds their row from that run's OOF.
+need a trained run: ``benchmarks/pooling.py --run runs/NAME --fold`` groups that run's OOF by them.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ exactly with their person), OOF CV macro F1 and per task, and the gain over the 
 Choices made on the same OOF they are scored on flatter every row alike (the product chooses its
 cut the same way).
 
-    pstage train --data /tmp/facemask train.time=15m --name fm15      # (the lead's measurement run)
+    pstage train --data /tmp/facemask train.time=15m --name fm15      # a 15-minute facemask run
     python benchmarks/pooling.py --run runs/fm15 [--fold]
 """
 

@@ -4,7 +4,7 @@ PostgreSQL vs SQLite, and one fold trained as a two-node DDP run vs one process.
     python benchmarks/scaleout.py [--ddp]       # PostgreSQL: Debian's postgresql (initdb, pg_ctl)
 
 The storage figure is the Optuna side of a trial only (ask, one report per epoch, tell, heartbeat
-on), what a trial pays on top of its training. Run it on a quiet machine; the README quotes it
+on), what a trial pays on top of its training. Run it on a quiet machine; benchmarks/RESULTS.md quotes it
 with the load it had.
 """
 

@@ -9,7 +9,7 @@ the best on eval (over the runs given, and over the eval draws), how often the h
 runs has the higher eval score, whether each run's eval score lies inside its CV interval, and
 each ensemble against its best member on eval.
 
-    python shared/data/facemask/build.py /tmp/facemask
+    python ../shared/data/facemask/build.py /tmp/facemask
     python benchmarks/shakeup.py --truth /tmp/facemask/eval_labels.csv --runs /tmp/facemask-runs
     python benchmarks/shakeup.py --truth T.csv --run runs/a --run runs/b --run runs/ens
 

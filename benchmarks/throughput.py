@@ -15,8 +15,8 @@ Prints img/s for each and the ratios b/a and b/c (medians over rounds), as a tab
     python benchmarks/throughput.py --quick --extra augment.device=false --compare augment.device=true
                                       # a second (b) column with other settings, in the same rounds
 
-It absorbed the former benchmarks/input_pipeline.py; that script's part (d), precision, is now what
-`train.precision=auto` picks by the hardware (core/devices.py).
+Precision is not a column: `train.precision=auto` picks it by the hardware (core/devices.py); compare
+it with `--extra train.precision=32-true --compare train.precision=bf16-mixed`.
 """
 
 from __future__ import annotations

@@ -1,9 +1,11 @@
+import re
 from pathlib import Path
 
 import pytest
 import yaml
 
-from pstage.config import Config, all_keys, diff_configs, load_config, parse_overrides
+from pstage.config import Config, TuneParam, all_keys, annotated_yaml, diff_configs, load_config, parse_overrides
+from pstage.config.sections import section_type
 from pstage.core.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,25 +60,91 @@ def test_bad_yaml_file_names_file_and_line(tmp_path):
         load_config(tmp_path / "missing.yaml")
 
 
+DEFAULT_YAML = ROOT / "src" / "pstage" / "configs" / "default.yaml"
+RESULTS = ROOT / "benchmarks" / "RESULTS.md"
+# a measurement in a description: a score next to a metric name (CV 0.632, F1 .684, ARI 0.99), a speed
+# ratio (1.27x the time), a percentage (99.5%); those belong in benchmarks/RESULTS.md
+MEASUREMENT = re.compile(
+    r"(?i)\b(cv|f1|ari|eval|acc\.?|accuracy|gender|age|mask)\b[^;:]{0,40}?\d?\.\d{2,}|\d(\.\d+)?x the\b|\d(\.\d+)?\s?%"
+)
+
+
+def descriptions() -> dict[str, str]:
+    """Every dotted key's description, tune.space's dimension fields included."""
+    out = {}
+    for key in all_keys():
+        model, *parts = key.split(".")
+        field = Config.model_fields[model]
+        for part in parts:
+            field = section_type(field.annotation).model_fields[part]
+        out[key] = field.description or ""
+    out.update({f"tune.space.*.{name}": f.description or "" for name, f in TuneParam.model_fields.items()})
+    return out
+
+
 def test_default_yaml_matches_the_code_defaults():
-    """configs/default.yaml documents every default; it must not drift from the pydantic models."""
-    shipped = yaml.safe_load((ROOT / "src" / "pstage" / "configs" / "default.yaml").read_text())
+    """configs/default.yaml documents every default; it must not drift from the pydantic models,
+    and its comments are the schema's descriptions, word for word (help lives once)."""
+    shipped = yaml.safe_load(DEFAULT_YAML.read_text())
     assert diff_configs(shipped, Config().to_dict()) == []
-    assert load_config(ROOT / "src" / "pstage" / "configs" / "default.yaml") == Config()
+    assert load_config(DEFAULT_YAML) == Config()
+    assert DEFAULT_YAML.read_text() == annotated_yaml(), (
+        "regenerate it: pstage config > src/pstage/configs/default.yaml"
+    )
 
 
 def test_every_key_is_documented():
-    text = (ROOT / "src" / "pstage" / "configs" / "default.yaml").read_text()
+    text = DEFAULT_YAML.read_text()
+    for key, description in descriptions().items():
+        assert description.strip(), f"{key} has no description"
     for key in all_keys():
         assert f"{key.rsplit('.', 1)[-1]}:" in text, key
+
+
+def test_descriptions_are_short_and_hold_no_measurements():
+    """One or two lines each; a number measured on some data goes to benchmarks/RESULTS.md, linked."""
+    for key, description in descriptions().items():
+        assert len(description) <= 240, f"{key}: {len(description)} characters (at most 240)"
+        found = MEASUREMENT.search(description)
+        assert found is None, f"{key}: '{found[0]}' looks like a measurement: move it to benchmarks/RESULTS.md"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "On facemask 128x128 CV 0.677 / eval macro F1 0.685",
+        "finds 99.5% of masked faces",
+        "at 1.27x the wall time",
+        "gender acc. .812",
+    ],
+)
+def test_the_measurement_heuristic_catches_history(text):
+    assert MEASUREMENT.search(text)
+
+
+def test_results_links_in_descriptions_resolve():
+    """Each benchmarks/RESULTS.md#anchor a description names is a heading there (GitHub's and mkdocs' slug)."""
+    slugs = {
+        re.sub(r"[^\w\- ]", "", line.lstrip("#").strip().lower()).replace(" ", "-")
+        for line in RESULTS.read_text().splitlines()
+        if line.startswith("#")
+    }
+    linked = {
+        (key, anchor)
+        for key, description in descriptions().items()
+        for anchor in re.findall(r"benchmarks/RESULTS\.md#([a-z0-9-]+)", description)
+    }
+    assert len(linked) >= 10  # the defaults that rest on a measurement say where
+    for key, anchor in linked:
+        assert anchor in slugs, f"{key} links to benchmarks/RESULTS.md#{anchor}, which has no such heading"
 
 
 def test_parse_overrides_nests():
     assert parse_overrides(["a.b=1", "a.c=x"]) == {"a": {"b": 1, "c": "x"}}
 
 
-def test_runs_saved_before_tta_train_existed_stay_single_view(tmp_path):
-    """An older run's own predictions had no TTA: re-predicting or exporting it must not add it."""
+def test_runs_saved_without_tta_train_stay_single_view(tmp_path):
+    """A run whose config predates tta.train predicted single-view: re-predicting or exporting it must not add TTA."""
     from pstage.config import load_run_config
 
     path = tmp_path / "config.yaml"
@@ -84,6 +152,19 @@ def test_runs_saved_before_tta_train_existed_stay_single_view(tmp_path):
     assert load_run_config(path).tta.train is False
     path.write_text("tta:\n  train: true\n  hflip: true\n")
     assert load_run_config(path).tta.train is True
+
+
+def test_runs_saved_without_face_detector_crop_with_haar(tmp_path):
+    """The implied values fill only what a saved config lacks; a new run's defaults are untouched."""
+    from pstage.config import load_run_config
+
+    path = tmp_path / "config.yaml"
+    path.write_text("data:\n  face_crop: true\ntta:\n  hflip: false\n")
+    cfg = load_run_config(path)
+    assert (cfg.data.face_detector, cfg.data.face_crop, cfg.tta.train, cfg.tta.hflip) == ("haar", True, False, False)
+    path.write_text("data:\n  face_detector: retinaface\n")
+    assert load_run_config(path).data.face_detector == "retinaface"
+    assert load_config(None).data.face_detector == "retinaface"
 
 
 @pytest.mark.parametrize(
@@ -100,7 +181,7 @@ def test_runs_saved_before_tta_train_existed_stay_single_view(tmp_path):
     ],
 )
 def test_precision_takes_what_lightning_takes_in_its_canonical_spelling(value, canonical):
-    """train.precision=32 (an int once parsed as YAML) was refused ("Input should be a valid string")."""
+    """train.precision=32 is an int once parsed as YAML: it must mean what Lightning means by it."""
     assert load_config(None, [f"train.precision={value}"]).train.precision == canonical
     if value.isdigit():  # a config file's `precision: 32` is an int too
         assert Config.model_validate({"train": {"precision": int(value)}}).train.precision == canonical
@@ -121,7 +202,7 @@ def test_precision_refusals_are_one_line_and_cpu_fp16_autocast_is_bf16():
 
 
 def test_on_off_switches_survive_yaml_booleans():
-    """`train.final_fit=off` on the command line is YAML's False: it was refused ("Input should be 'off'")."""
+    """`train.final_fit=off` on the command line is YAML's False: the switch must read it as its word."""
     cfg = load_config(None, ["train.final_fit=off", "persons.group=on", "train.channels_last=false"])
     assert (cfg.train.final_fit, cfg.persons.group) == ("off", "on")
     assert cfg.train.channels_last is False  # a setting that takes a bool keeps it

@@ -99,7 +99,7 @@ def test_cycle_finder_finds_a_cycle():
 def unexplained_imports(root: Path) -> list[str]:
     """``file:line`` of each import inside a function with no comment on its lines or on the line above.
 
-    Imports belong at the top of the module; one inside a function must say why it waits (README "Architecture").
+    Imports belong at the top of the module; one inside a function must say why it waits (docs/architecture.md).
     """
     found = []
     for path in sorted(root.rglob("*.py")):

@@ -1,6 +1,6 @@
 """A login-protected team store: a real `mlflow server --app-name basic-auth`.
 
-The server is set up as the README tells a team that keeps MLflow's ``default_permission = READ``:
+The server is set up as docs/team.md tells a team that keeps MLflow's ``default_permission = READ``:
 teammates are created and granted EDIT on the competition's experiment through MLflow's own auth
 API. Teammates with a login and EDIT publish into one experiment and pull each other's runs; a
 teammate with only READ can board and pull but not publish; without a login, or with a wrong
@@ -48,7 +48,7 @@ def login(user: str):
 
 
 def grant(experiment_id: str, user: str, permission: str | None) -> None:
-    """What the store's admin does (README): give ``user`` ``permission`` on the experiment (None: take it back)."""
+    """What the store's admin does (docs/team.md): give ``user`` ``permission`` on the experiment (None: take it back)."""
     with login("admin"):
         admin = get_app_client("basic-auth", tracking_uri=os.environ["PSTAGE_TEST_AUTH_STORE"])
         if not hasattr(admin, "grant_user_permission"):  # MLflow 2's names

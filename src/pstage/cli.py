@@ -34,7 +34,7 @@ def say_error(message: str) -> None:
 class OneLineErrors(TyperGroup):
     """The command group whose usage errors (an unknown option, a missing argument, a bad choice)
     are one ``error:`` line, exit 2, like every other error, instead of click's usage block and
-    boxed panel. Help (``pstage`` alone, ``--help``) is printed as before."""
+    boxed panel. Help (``pstage`` alone, ``--help``) is printed as click prints it."""
 
     def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
         if not standalone_mode:

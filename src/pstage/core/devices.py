@@ -15,8 +15,8 @@ from pstage.core.errors import ConfigError
 def cpu_has_fast_bf16() -> bool:
     """True where the CPU has native bf16 matrix units (AMX or AVX512-BF16).
 
-    Without them bf16 autocast is emulated: measured 10-30x slower than fp32 on an AVX2 EPYC
-    (resnet18 training, an earlier benchmark), so auto falls back to fp32.
+    Without them bf16 autocast is emulated, many times slower than fp32 (benchmarks/RESULTS.md#precision),
+    so auto falls back to fp32.
     """
     try:
         with open("/proc/cpuinfo") as handle:

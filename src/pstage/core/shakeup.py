@@ -60,7 +60,7 @@ def _blas() -> ThreadpoolController:
 
 def one_blas_thread() -> Any:
     """A context in which BLAS runs on one thread: the bootstrap's many small matrix products only
-    contend for cores with more threads (measured 40x slower on 2 busy cores)."""
+    contend for cores with more threads (far slower on busy cores)."""
     return _blas().limit(limits=1, user_api="blas")
 
 

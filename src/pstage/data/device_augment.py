@@ -4,11 +4,9 @@ The loader then only slices the uint8 cache into (pinned) batches; flips, affine
 blur/noise and erasing run here, each image with its own parameters, on whatever device the
 batch is on (augment.device).
 
-Hand-written rather than kornia (which pstage used before): kornia runs each transform as its own
-module with per-call parameter generation and checks, ~60 small ops per preset. Measured on 2
-CPU cores (strong preset, 64 images of 64x48): kornia 16-20 ms per batch, albumentations per
-image 8.4 ms, the fused version ~2 ms (before the parity below); on a tiny batch (the host-side
-cost that also bounds a GPU step) kornia 1.7 ms vs 0.4 ms. Here every per-image parameter is drawn at once on the host
+Hand-written because no library fuses a preset: per-transform batch libraries (kornia) run each
+transform as its own module with per-call parameter generation and checks, dozens of small ops per
+preset, and their host-side cost bounds a GPU step. Here every per-image parameter is drawn at once on the host
 (torch's CPU generator, which Lightning seeds per fold: runs repeat) and the preset becomes one
 warp (flip + scale/shift/rotate folded into one sampling grid), one 3x3 colour map per image
 (brightness/contrast and grey folded together, the normalisation too), the HSV shift on the
@@ -19,10 +17,8 @@ in one pinned, non-blocking copy: no host synchronisation per step on a GPU.
 Each op draws and acts as its albumentations counterpart in ``augment.py`` (the semantics are
 albumentations', see presets.py; tests/test_augment_parity.py compares the two op by op). Float
 throughout: no rounding to uint8 between ops, and the only clip before the end is before the HSV
-shift (it needs values in range). Matching albumentations (HSV shifts instead of a YIQ rotation and
-saturation scaling, 1-3 erased boxes instead of one, per-axis scales, its blur kernels) made a
-call 1.16-1.27x costlier for 64 images of 64x48 (interleaved medians on one thread of a shared
-machine; at the quietest 10.6 vs 9.2 ms) and a 2-image call's host time 1.1 vs 0.8 ms.
+shift (it needs values in range). What this costs against the loader path:
+benchmarks/RESULTS.md#augmentation-backend.
 """
 
 from __future__ import annotations

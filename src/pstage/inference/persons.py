@@ -104,9 +104,9 @@ def face_features(
     """Face-model embeddings of ``paths[rows]``, centred on ``centre`` (default: their own mean) and
     L2-normalised; also the centre and how many were computed now (the rest came from the cache).
 
-    Raw face embeddings all point one way (cosine 0.9996 between two sets' means), which crowds their
+    Raw face embeddings all point one way (two sets' means are nearly parallel), which crowds their
     cosine distances: on facemask their best cuts sit near 0.03, centred near 0.3, where the cut
-    grid (FACE_THRESHOLDS) resolves them; the ARI is the same (0.994, benchmarks/identity.py).
+    grid (FACE_THRESHOLDS) resolves them; the grouping is as good (benchmarks/RESULTS.md#person-grouping).
     """
     detector = DEFAULT_DETECTOR if unavailable(DEFAULT_DETECTOR) is None else FALLBACK_DETECTOR
     raw, computed = face_embeddings(paths, rows, model=model, detector=detector, cache_dir=config.data.cache_dir)
@@ -435,7 +435,7 @@ def group_test(
     decided = info.get("persons") or {}
     if not decided.get("applied") or not supports(task) or len(probs) < 2:
         return probs, None
-    embedding = decided.get("embedding", "fold")  # runs from before persons.embedding grouped by fold features
+    embedding = decided.get("embedding", "fold")  # a run.json without it grouped by fold features
     if embedding == "fold":
         features = fold_embeddings(checkpoints, cache, config, count=len(probs))
     else:

